@@ -1,0 +1,44 @@
+"""usage_guard: meter usage and enforce SaaS plan limits and personal budgets in Redis."""
+
+from .aio import AsyncReservation, AsyncUsageGuard
+from .catalog import DEFAULT_CATALOG, Catalog, Metric
+from .decision import Decision, ThresholdEvent
+from .errors import (
+    BackendUnavailable,
+    InvalidAmount,
+    InvalidIdentifier,
+    InvalidUsage,
+    UnknownMetric,
+    UnknownPlan,
+    UsageGuardError,
+    UsageLimitExceeded,
+)
+from .guard import Reservation, UsageGuard
+from .periods import Period
+from .plans import Plan
+from .usage import MeterUsage, PersonalUsage, Usage
+
+__all__ = [
+    "DEFAULT_CATALOG",
+    "AsyncReservation",
+    "AsyncUsageGuard",
+    "BackendUnavailable",
+    "Catalog",
+    "Decision",
+    "InvalidAmount",
+    "InvalidIdentifier",
+    "InvalidUsage",
+    "MeterUsage",
+    "Metric",
+    "Period",
+    "PersonalUsage",
+    "Plan",
+    "Reservation",
+    "ThresholdEvent",
+    "UnknownMetric",
+    "UnknownPlan",
+    "Usage",
+    "UsageGuard",
+    "UsageGuardError",
+    "UsageLimitExceeded",
+]

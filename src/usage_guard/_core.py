@@ -1,0 +1,458 @@
+"""The sans-I/O core: validates a request, builds its one script call, reads the reply.
+
+The sync and async guards only send a :class:`Call` and hand the reply back to
+``call.parse``; every rule lives here and in the Lua scripts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
+
+from .catalog import DEFAULT_CATALOG, Catalog, Metric
+from .decision import Decision, Scope, ThresholdEvent
+from .errors import BackendUnavailable, InvalidUsage
+from .keys import KeySpace, budget_field, encode_id
+from .periods import Clock, Period, utc_now
+from .plans import UNLIMITED, Plan, Plans, check_limit, check_value
+from .usage import MeterUsage, PersonalUsage, Usage
+
+logger = logging.getLogger("usage_guard")
+
+T = TypeVar("T")
+Amounts = Mapping[str, int]
+BackendErrorPolicy = Literal["allow", "deny"]
+Listener = Callable[[ThresholdEvent], Any]
+
+
+Events = tuple[ThresholdEvent, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    """One script call: what to send, how to read the reply, what to do if Redis fails.
+
+    ``parse`` turns the reply into the result and the threshold events it reports.
+    """
+
+    script: str
+    keys: list[str]
+    args: list[str | int]
+    parse: Callable[[Any], tuple[T, Events]]
+    fallback: Callable[[], T] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """What settling or cancelling a reservation needs to find it again."""
+
+    id: str
+    org: str
+    user: str | None
+    period: Period
+    amounts: Amounts
+
+
+class Engine:
+    """Configuration plus every rule that is not Lua. Shared by a guard and its twin."""
+
+    def __init__(
+        self,
+        *,
+        plans: Mapping[str, Plan] | None = None,
+        default_plan: str | None = None,
+        catalog: Catalog = DEFAULT_CATALOG,
+        clock: Clock | None = None,
+        prefix: str = "ug",
+        history_months: int = 6,
+        on_backend_error: BackendErrorPolicy | Mapping[str, BackendErrorPolicy] = "allow",
+    ) -> None:
+        if not isinstance(catalog, Catalog):
+            raise InvalidUsage("catalog must be a Catalog")
+        if not prefix or any(c in prefix for c in "{}: "):
+            raise InvalidUsage("prefix must be non-empty, without braces, colons or spaces")
+        if type(history_months) is not int or not 1 <= history_months <= 120:
+            raise InvalidUsage("history_months must be an int from 1 to 120")
+        self.catalog = catalog
+        self.plans = Plans(plans, default_plan, catalog)
+        self.clock: Clock = clock or utc_now
+        self.prefix = prefix
+        self.history_months = history_months
+        self.deny_on_backend_error = self._backend_policy(on_backend_error)
+        self.listeners: list[Listener] = []
+        self.backend_errors = 0
+        self.outage = False
+        self._warned_plans: set[tuple[str, str]] = set()
+        self._period_cache: tuple[Period, float, float, float] | None = None
+        names = self.plans.names
+        default = 0 if default_plan is None else names.index(default_plan) + 1
+        self._plan_args: list[str | int] = [history_months, len(names), default, *names]
+        # Per metric, the static tail of its argument block: monthly, percent, plan limits.
+        self._metric_args: dict[str, tuple[str | int, ...]] = {
+            m.name: (
+                1 if m.monthly else 0,
+                catalog.percent_admitted(m),
+                *(
+                    "" if (lim := p.limit(m.name)) is None else str(lim)
+                    for p in self.plans.by_name.values()
+                ),
+            )
+            for m in catalog
+        }
+
+    def _backend_policy(
+        self, policy: BackendErrorPolicy | Mapping[str, BackendErrorPolicy]
+    ) -> frozenset[str]:
+        """The metrics that fail closed."""
+        if isinstance(policy, str):
+            policy = dict.fromkeys((m.name for m in self.catalog), policy)
+        for metric, choice in policy.items():
+            self.catalog[metric]
+            if choice not in ("allow", "deny"):
+                raise InvalidUsage(f"on_backend_error[{metric!r}] must be 'allow' or 'deny'")
+        return frozenset(m for m, choice in policy.items() if choice == "deny")
+
+    # -- time ---------------------------------------------------------------------------
+
+    def now(self) -> tuple[Period, int]:
+        """The current period and the TTL (s) of its keys: until it leaves the history window."""
+        now = self.clock().timestamp()
+        cached = self._period_cache
+        if cached is None or not cached[1] <= now < cached[2]:
+            period = Period.containing(self.clock())
+            expires = period.shift(self.history_months).start.timestamp()
+            cached = (period, period.start.timestamp(), period.end.timestamp(), expires)
+            self._period_cache = cached
+        return cached[0], max(1, math.ceil(cached[3] - now))
+
+    def ttl(self, period: Period) -> int:
+        expires = period.shift(self.history_months).start.timestamp()
+        return max(1, math.ceil(expires - self.clock().timestamp()))
+
+    # -- requests -----------------------------------------------------------------------
+
+    def amounts(self, metric: str | Amounts, amount: int) -> list[tuple[Metric, int]]:
+        if isinstance(metric, str):
+            return [(self.catalog[metric], check_value(amount))]
+        if not isinstance(metric, Mapping) or not metric:
+            raise InvalidUsage("metric must be a metric name or a non-empty mapping of amounts")
+        return [(self.catalog[name], check_value(value)) for name, value in metric.items()]
+
+    def _script_args(
+        self,
+        space: KeySpace,
+        user: str | None,
+        items: Sequence[tuple[Metric, int]],
+        period: Period,
+        ttl: int,
+        mode: str,
+        flags: str = "",
+        extra_key: str | None = None,
+    ) -> tuple[list[str], list[str | int]]:
+        user_id = "" if user is None else encode_id(user)
+        pkey = period.key
+        keys = [space.org, space.budgets, space.thresholds(pkey)]
+        args: list[str | int] = [pkey, ttl, *self._plan_args, mode, user_id, flags]
+        for metric, amount in items:
+            personal = metric.personal and user is not None
+            if metric.monthly:
+                counter = space.counter(metric.name, pkey)
+                other = space.personal(user_id, metric.name, pkey) if personal else counter
+                keys += (counter, other)
+            else:
+                keys += (space.gauge(metric.name), space.history(metric.name))
+            args += (metric.name, amount, 1 if personal else 0, *self._metric_args[metric.name])
+        if extra_key is not None:
+            keys.append(extra_key)
+        return keys, args
+
+    def consume(
+        self,
+        org: str,
+        metric: str | Amounts,
+        amount: int,
+        *,
+        user: str | None,
+        idempotency_key: str | None = None,
+        check: bool = False,
+    ) -> Call[Decision]:
+        items = self.amounts(metric, amount)
+        period, ttl = self.now()
+        space = KeySpace(self.prefix, org)
+        flags, extra = "", None
+        if idempotency_key is not None and not check:
+            flags, extra = "i", space.idempotency(idempotency_key)
+        mode = "check" if check else "consume"
+        keys, args = self._script_args(space, user, items, period, ttl, mode, flags, extra)
+        return Call(
+            "consume",
+            keys,
+            args,
+            lambda reply: self._decision(org, period, reply),
+            lambda: self._unavailable(items, period),
+        )
+
+    def reserve(
+        self, org: str, metric: str | Amounts, amount: int, *, user: str | None
+    ) -> tuple[Call[Decision], Ticket]:
+        items = self.amounts(metric, amount)
+        period, ttl = self.now()
+        space = KeySpace(self.prefix, org)
+        ticket = Ticket(uuid.uuid4().hex, org, user, period, {m.name: a for m, a in items})
+        keys, args = self._script_args(
+            space, user, items, period, ttl, "reserve", "r", space.reservation(ticket.id)
+        )
+        call = Call(
+            "consume",
+            keys,
+            args,
+            lambda reply: self._decision(org, period, reply),
+            lambda: self._unavailable(items, period),
+        )
+        return call, ticket
+
+    def settle(self, ticket: Ticket, actual: int | Amounts | None) -> Call[bool]:
+        """``actual=None`` cancels: the estimate is refunded."""
+        if actual is None:
+            amounts, mode = dict(ticket.amounts), "cancel"
+        elif isinstance(actual, Mapping):
+            if set(actual) != set(ticket.amounts):
+                raise InvalidUsage(f"settle needs an amount for each of {sorted(ticket.amounts)}")
+            amounts, mode = dict(actual), "settle"
+        elif len(ticket.amounts) == 1:
+            amounts, mode = dict.fromkeys(ticket.amounts, actual), "settle"
+        else:
+            raise InvalidUsage("a reservation of several metrics settles with a mapping")
+        items = [
+            (self.catalog[name], check_value(value, "actual")) for name, value in amounts.items()
+        ]
+        period = ticket.period
+        space = KeySpace(self.prefix, ticket.org)
+        keys, args = self._script_args(
+            space,
+            ticket.user,
+            items,
+            period,
+            self.ttl(period),
+            mode,
+            "r",
+            space.reservation(ticket.id),
+        )
+        return Call("adjust", keys, args, lambda reply: self._adjusted(ticket.org, period, reply))
+
+    def adjust(
+        self, org: str, metric: str | Amounts, amount: int, mode: Literal["release", "set"]
+    ) -> Call[bool]:
+        items = self.amounts(metric, amount)
+        for m, _ in items:
+            if m.monthly:
+                raise InvalidUsage(
+                    f"{m.name} resets monthly: only cumulative metrics can be released or set"
+                )
+        period, ttl = self.now()
+        keys, args = self._script_args(KeySpace(self.prefix, org), None, items, period, ttl, mode)
+        return Call("adjust", keys, args, lambda reply: self._adjusted(org, period, reply))
+
+    # -- admin --------------------------------------------------------------------------
+
+    def _admin(self, key: str, *args: str) -> Call[None]:
+        return Call("admin", [key], list(args), _none)
+
+    def assign_plan(self, org: str, plan: str | None) -> Call[None]:
+        if plan is not None:
+            self.plans.get(plan)
+        return self._admin(KeySpace(self.prefix, org).org, "assign", plan or "")
+
+    def set_limit(self, org: str, metric: str, limit: int | None) -> Call[None]:
+        self.catalog[metric]
+        stored = UNLIMITED if check_limit(limit) is None else str(limit)
+        return self._admin(KeySpace(self.prefix, org).org, "set", f"limit:{metric}", stored)
+
+    def remove_limit(self, org: str, metric: str) -> Call[None]:
+        self.catalog[metric]
+        return self._admin(KeySpace(self.prefix, org).org, "unset", f"limit:{metric}")
+
+    def set_budget(self, org: str, user: str, metric: str, budget: int | None) -> Call[None]:
+        if not self.catalog[metric].personal:
+            raise InvalidUsage(f"{metric} takes no personal budgets")
+        space = KeySpace(self.prefix, org)
+        name = budget_field(encode_id(user), metric)
+        if check_limit(budget, "budget") is None:
+            return self._admin(space.budgets, "unset", name)
+        return self._admin(space.budgets, "set", name, str(budget))
+
+    # -- reads --------------------------------------------------------------------------
+
+    def usage(self, org: str, user: str | None = None) -> Call[Usage]:
+        space = KeySpace(self.prefix, org)
+        user_id = None if user is None else encode_id(user)
+        period = self.now()[0]
+        window = period.window(self.history_months)
+        strings: list[str] = []
+        histories: list[str] = []
+        for m in self.catalog:
+            if m.monthly:
+                strings += (space.counter(m.name, p.key) for p in window)
+            else:
+                strings.append(space.gauge(m.name))
+                histories.append(space.history(m.name))
+        personal = [m for m in self.catalog.personal()] if user_id is not None else []
+        strings += (space.personal(user_id or "", m.name, period.key) for m in personal)
+        budgets = [budget_field(user_id or "", m.name) for m in personal]
+        keys = [space.org, space.budgets, *strings, *histories]
+        return Call(
+            "read",
+            keys,
+            [len(strings), *budgets],
+            lambda reply: (self._usage(org, user, period, window, personal, reply), ()),
+        )
+
+    # -- replies ------------------------------------------------------------------------
+
+    def _decision(self, org: str, period: Period, reply: Any) -> tuple[Decision, Events]:
+        if reply[0] == 2:
+            name, scope, used, limit, quota, period_key = reply[1].split("\t")
+            replayed = self._make_decision(
+                True,
+                name,
+                scope,
+                int(used),
+                int(limit),
+                int(quota),
+                Period.parse(period_key),
+                replayed=True,
+            )
+            return replayed, ()
+        if reply[6]:
+            self._warn_plan(org, reply[6])
+        decision = self._make_decision(
+            reply[0] == 1, reply[1], reply[2], reply[3], reply[4], reply[5], period
+        )
+        return decision, _events(org, period, reply, 7)
+
+    def _make_decision(
+        self,
+        allowed: bool,
+        name: str,
+        scope: Scope,
+        used: int,
+        limit: int,
+        quota: int,
+        period: Period,
+        *,
+        replayed: bool = False,
+    ) -> Decision:
+        metric = self.catalog[name]
+        return Decision(
+            allowed=allowed,
+            metric=name,
+            scope=scope,
+            used=used,
+            limit=None if limit < 0 else limit,
+            remaining=None if quota < 0 else max(0, quota - used),
+            resets_at=period.end if metric.monthly else None,
+            quota=None if quota < 0 else quota,
+            replayed=replayed,
+        )
+
+    def _adjusted(self, org: str, period: Period, reply: Any) -> tuple[bool, Events]:
+        return reply[0] == 1, _events(org, period, reply, 1)
+
+    def _warn_plan(self, org: str, plan: str) -> None:
+        if (org, plan) not in self._warned_plans:
+            self._warned_plans.add((org, plan))
+            self.plans.effective(org, plan)
+
+    def _usage(
+        self,
+        org: str,
+        user: str | None,
+        period: Period,
+        window: tuple[Period, ...],
+        personal: list[Metric],
+        reply: Any,
+    ) -> Usage:
+        org_hash = _pairs(reply[0])
+        budgets, values, histories = reply[1], iter(reply[2]), iter(reply[3])
+        plan = self.plans.effective(org, org_hash.get("plan"))
+        overrides = {
+            name[6:]: value for name, value in org_hash.items() if name.startswith("limit:")
+        }
+        meters: dict[str, MeterUsage] = {}
+        for m in self.catalog:
+            if m.monthly:
+                history = tuple(int(next(values) or 0) for _ in window)
+            else:
+                current = int(next(values) or 0)
+                history = _carried_forward(_pairs(next(histories)), window, current)
+            limit = self.plans.resolve(plan, overrides, m.name)
+            quota = None if limit is None else limit * self.catalog.percent_admitted(m) // 100
+            meters[m.name] = MeterUsage(m.name, history[-1], limit, quota, history)
+        mine = {
+            m.name: PersonalUsage(
+                m.name, int(next(values) or 0), None if budget is None else int(budget)
+            )
+            for m, budget in zip(personal, budgets, strict=True)
+        }
+        return Usage(org, user, None if plan is None else plan.name, period, window, meters, mine)
+
+    # -- outages ------------------------------------------------------------------------
+
+    def _unavailable(self, items: Sequence[tuple[Metric, int]], period: Period) -> Decision:
+        denying = [m for m, _ in items if m.name in self.deny_on_backend_error]
+        metric = denying[0] if denying else items[0][0]
+        return Decision(
+            allowed=not denying,
+            metric=metric.name,
+            scope="unavailable",
+            used=0,
+            limit=None,
+            remaining=None,
+            resets_at=period.end if metric.monthly else None,
+        )
+
+    def failed(self, call: Call[T], error: Exception) -> T:
+        """Count and log (once per outage) a backend failure; answer by the call's fallback."""
+        self.backend_errors += 1
+        if not self.outage:
+            self.outage = True
+            logger.error("usage_guard: Redis unavailable (%s: %s)", type(error).__name__, error)
+        if call.fallback is None:
+            raise BackendUnavailable(str(error)) from error
+        return call.fallback()
+
+    def recovered(self) -> None:
+        self.outage = False
+        logger.warning("usage_guard: Redis is reachable again")
+
+
+def _none(reply: Any) -> tuple[None, Events]:
+    return None, ()
+
+
+def _events(org: str, period: Period, reply: Any, start: int) -> Events:
+    """The (name, threshold, used, limit) quadruples a script appended to its reply."""
+    return tuple(
+        ThresholdEvent(org, reply[i], reply[i + 1], reply[i + 2], reply[i + 3], period.key)
+        for i in range(start, len(reply), 4)
+    )
+
+
+def _pairs(flat: Sequence[str]) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _carried_forward(
+    recorded: Mapping[str, str], window: tuple[Period, ...], current: int
+) -> tuple[int, ...]:
+    """Each period's last value: the newest one recorded at or before it, 0 before any."""
+    known = sorted((Period.parse(k), int(v)) for k, v in recorded.items())
+    values = []
+    for period in window[:-1]:
+        earlier = [value for at, value in known if at <= period]
+        values.append(earlier[-1] if earlier else 0)
+    return (*values, current)

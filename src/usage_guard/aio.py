@@ -1,0 +1,148 @@
+"""AsyncUsageGuard: the same core as UsageGuard, with asyncio I/O."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ._core import Amounts, Call, Engine, Events, Listener, Ticket
+from .catalog import Catalog
+from .decision import Decision
+from .storage import BACKEND_ERRORS, Backend
+from .usage import Usage
+
+if TYPE_CHECKING:
+    from .guard import UsageGuard
+
+T = TypeVar("T")
+logger = logging.getLogger("usage_guard")
+
+
+class AsyncUsageGuard:
+    """The asyncio twin of :class:`~usage_guard.UsageGuard`: the same methods as coroutines.
+
+    Get one as ``UsageGuard.from_url(...).aio`` or ``AsyncUsageGuard.from_url(...)``
+    (same arguments); ``aguard.sync`` is the blocking twin.
+    """
+
+    def __init__(self, engine: Engine, backend: Backend, *, sync: UsageGuard) -> None:
+        self.engine = engine
+        self.backend = backend
+        self.sync = sync
+
+    @classmethod
+    def from_url(cls, url: str = "memory://", **options: Any) -> AsyncUsageGuard:
+        from .guard import UsageGuard
+
+        return UsageGuard.from_url(url, **options).aio
+
+    @property
+    def aio(self) -> AsyncUsageGuard:
+        return self
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.engine.catalog
+
+    async def _run(self, call: Call[T]) -> T:
+        try:
+            reply = await self.backend.aio().run(call.script, call.keys, call.args)
+        except BACKEND_ERRORS as error:
+            return self.engine.failed(call, error)
+        if self.engine.outage:
+            self.engine.recovered()
+        result, events = call.parse(reply)
+        if events:
+            await self._emit(events)
+        return result
+
+    async def _emit(self, events: Events) -> None:
+        for event in events:
+            for listener in self.engine.listeners:
+                try:
+                    outcome = listener(event)
+                    if inspect.isawaitable(outcome):
+                        await outcome
+                except Exception:
+                    logger.exception("usage_guard: threshold listener %r failed", listener)
+
+    async def consume(
+        self,
+        org: str,
+        metric: str | Amounts,
+        amount: int = 1,
+        *,
+        user: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Decision:
+        return await self._run(
+            self.engine.consume(org, metric, amount, user=user, idempotency_key=idempotency_key)
+        )
+
+    async def check(
+        self, org: str, metric: str | Amounts, amount: int = 1, *, user: str | None = None
+    ) -> Decision:
+        return await self._run(self.engine.consume(org, metric, amount, user=user, check=True))
+
+    async def reserve(
+        self, org: str, metric: str | Amounts, amount: int, *, user: str | None = None
+    ) -> AsyncReservation:
+        call, ticket = self.engine.reserve(org, metric, amount, user=user)
+        return AsyncReservation(self, await self._run(call), ticket)
+
+    async def release(self, org: str, metric: str | Amounts, amount: int = 1) -> None:
+        await self._run(self.engine.adjust(org, metric, amount, "release"))
+
+    async def set_usage(self, org: str, metric: str, value: int) -> None:
+        await self._run(self.engine.adjust(org, metric, value, "set"))
+
+    async def assign_plan(self, org: str, plan: str | None) -> None:
+        await self._run(self.engine.assign_plan(org, plan))
+
+    async def set_limit(self, org: str, metric: str, limit: int | None) -> None:
+        await self._run(self.engine.set_limit(org, metric, limit))
+
+    async def remove_limit(self, org: str, metric: str) -> None:
+        await self._run(self.engine.remove_limit(org, metric))
+
+    async def set_budget(self, org: str, user: str, metric: str, budget: int | None) -> None:
+        await self._run(self.engine.set_budget(org, user, metric, budget))
+
+    def on_threshold(self, listener: Listener) -> Listener:
+        """Register a listener (sync or async) for both twins."""
+        self.engine.listeners.append(listener)
+        return listener
+
+    async def usage(self, org: str, user: str | None = None) -> Usage:
+        return await self._run(self.engine.usage(org, user))
+
+    async def aclose(self) -> None:
+        await self.backend.aclose()
+
+    async def __aenter__(self) -> AsyncUsageGuard:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class AsyncReservation:
+    """The asyncio form of :class:`~usage_guard.guard.Reservation`."""
+
+    def __init__(self, guard: AsyncUsageGuard, decision: Decision, ticket: Ticket) -> None:
+        self.guard = guard
+        self.decision = decision
+        self.ticket = ticket
+
+    @property
+    def open(self) -> bool:
+        return self.decision.allowed and self.decision.scope != "unavailable"
+
+    async def settle(self, actual: int | Amounts) -> bool:
+        call = self.guard.engine.settle(self.ticket, actual)
+        return self.open and await self.guard._run(call)
+
+    async def cancel(self) -> bool:
+        call = self.guard.engine.settle(self.ticket, None)
+        return self.open and await self.guard._run(call)

@@ -1,0 +1,47 @@
+"""The exceptions usage_guard raises."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .decision import Decision
+
+
+class UsageGuardError(Exception):
+    """Base class of every usage_guard error."""
+
+
+class InvalidUsage(UsageGuardError, ValueError):
+    """A call named something usage_guard cannot accept; Redis was not touched."""
+
+
+class UnknownMetric(InvalidUsage):
+    """The metric is not in the guard's catalog."""
+
+
+class UnknownPlan(InvalidUsage):
+    """The plan name is not configured on the guard."""
+
+
+class InvalidAmount(InvalidUsage):
+    """An amount, limit or budget that is not an int in 0..2**53-1."""
+
+
+class InvalidIdentifier(InvalidUsage):
+    """An organization, user or idempotency id that is empty, too long or not a str."""
+
+
+class BackendUnavailable(UsageGuardError):
+    """Redis could not be reached (or answered too slowly) for an operation with no fallback."""
+
+
+class UsageLimitExceeded(UsageGuardError):
+    """A consumption was denied; ``decision`` says which budget and by how much."""
+
+    def __init__(self, decision: Decision) -> None:
+        self.decision = decision
+        super().__init__(
+            f"{decision.metric}: {decision.scope} limit {decision.limit} reached "
+            f"(used {decision.used})"
+        )

@@ -1,0 +1,215 @@
+"""UsageGuard: the core plus one blocking round trip per operation."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ._core import Amounts, BackendErrorPolicy, Call, Engine, Events, Listener, Ticket
+from .catalog import DEFAULT_CATALOG, Catalog
+from .decision import Decision
+from .periods import Clock
+from .plans import Plan
+from .storage import BACKEND_ERRORS, Backend
+from .usage import Usage
+
+if TYPE_CHECKING:
+    from .aio import AsyncUsageGuard
+
+T = TypeVar("T")
+logger = logging.getLogger("usage_guard")
+
+
+class UsageGuard:
+    """Meters usage and enforces plan limits and personal budgets.
+
+    Build one per process with :meth:`from_url`; it is thread-safe. ``guard.aio``
+    is its asyncio twin (same plans, clock, listeners and storage).
+    """
+
+    def __init__(self, engine: Engine, backend: Backend) -> None:
+        self.engine = engine
+        self.backend = backend
+        self._aio: AsyncUsageGuard | None = None
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str = "memory://",
+        *,
+        plans: Mapping[str, Plan] | None = None,
+        default_plan: str | None = None,
+        catalog: Catalog = DEFAULT_CATALOG,
+        clock: Clock | None = None,
+        prefix: str = "ug",
+        history_months: int = 6,
+        on_backend_error: BackendErrorPolicy | Mapping[str, BackendErrorPolicy] = "allow",
+        timeout: float = 1.0,
+        max_connections: int = 100,
+    ) -> UsageGuard:
+        """A guard on ``memory://[NAME]``, ``redis://``, ``rediss://`` or ``redis+cluster://``.
+
+        ``timeout`` (seconds) bounds connecting and every reply; past it, or with
+        Redis down, ``on_backend_error`` decides: ``"allow"`` (default) or
+        ``"deny"``, or a mapping of metric to either (unlisted metrics allow).
+        """
+        engine = Engine(
+            plans=plans,
+            default_plan=default_plan,
+            catalog=catalog,
+            clock=clock,
+            prefix=prefix,
+            history_months=history_months,
+            on_backend_error=on_backend_error,
+        )
+        return cls(engine, Backend(url, timeout=timeout, max_connections=max_connections))
+
+    @property
+    def aio(self) -> AsyncUsageGuard:
+        if self._aio is None:
+            from .aio import AsyncUsageGuard
+
+            self._aio = AsyncUsageGuard(self.engine, self.backend, sync=self)
+        return self._aio
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.engine.catalog
+
+    def _run(self, call: Call[T]) -> T:
+        try:
+            reply = self.backend.sync().run(call.script, call.keys, call.args)
+        except BACKEND_ERRORS as error:
+            return self.engine.failed(call, error)
+        if self.engine.outage:
+            self.engine.recovered()
+        result, events = call.parse(reply)
+        if events:
+            self._emit(events)
+        return result
+
+    def _emit(self, events: Events) -> None:
+        for event in events:
+            for listener in self.engine.listeners:
+                try:
+                    outcome = listener(event)
+                    if inspect.isawaitable(outcome):
+                        _close(outcome)
+                        raise TypeError("async listeners need the async guard (guard.aio)")
+                except Exception:
+                    logger.exception("usage_guard: threshold listener %r failed", listener)
+
+    # -- metering ---------------------------------------------------------------------
+
+    def consume(
+        self,
+        org: str,
+        metric: str | Amounts,
+        amount: int = 1,
+        *,
+        user: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Decision:
+        """Count ``amount`` of ``metric`` (or every amount of a mapping, all or nothing)
+        if it fits the org limit and the user's personal budget."""
+        return self._run(
+            self.engine.consume(org, metric, amount, user=user, idempotency_key=idempotency_key)
+        )
+
+    def check(
+        self, org: str, metric: str | Amounts, amount: int = 1, *, user: str | None = None
+    ) -> Decision:
+        """The decision ``consume`` would take, counting nothing."""
+        return self._run(self.engine.consume(org, metric, amount, user=user, check=True))
+
+    def reserve(
+        self, org: str, metric: str | Amounts, amount: int, *, user: str | None = None
+    ) -> Reservation:
+        """Count an estimate now; ``settle(actual)`` or ``cancel()`` it later."""
+        call, ticket = self.engine.reserve(org, metric, amount, user=user)
+        decision = self._run(call)
+        return Reservation(self, decision, ticket)
+
+    def release(self, org: str, metric: str | Amounts, amount: int = 1) -> None:
+        """Lower a cumulative metric (never below 0); unchecked."""
+        self._run(self.engine.adjust(org, metric, amount, "release"))
+
+    def set_usage(self, org: str, metric: str, value: int) -> None:
+        """Reconcile a cumulative metric to ``value``; unchecked."""
+        self._run(self.engine.adjust(org, metric, value, "set"))
+
+    # -- administration -----------------------------------------------------------------
+
+    def assign_plan(self, org: str, plan: str | None) -> None:
+        """Put an org on a configured plan (``None``: the default plan); clears its overrides."""
+        self._run(self.engine.assign_plan(org, plan))
+
+    def set_limit(self, org: str, metric: str, limit: int | None) -> None:
+        """Override one limit for one org (``None``: unlimited)."""
+        self._run(self.engine.set_limit(org, metric, limit))
+
+    def remove_limit(self, org: str, metric: str) -> None:
+        """Drop an override: the org's plan decides again."""
+        self._run(self.engine.remove_limit(org, metric))
+
+    def set_budget(self, org: str, user: str, metric: str, budget: int | None) -> None:
+        """A user's monthly personal budget of a personal metric (``None`` removes it)."""
+        self._run(self.engine.set_budget(org, user, metric, budget))
+
+    def on_threshold(self, listener: Listener) -> Listener:
+        """Call ``listener(event)`` when an org meter first reaches 80, 90 or 100 % in a period.
+
+        Usable as a decorator; exceptions in listeners are logged, never raised.
+        """
+        self.engine.listeners.append(listener)
+        return listener
+
+    # -- reading ------------------------------------------------------------------------
+
+    def usage(self, org: str, user: str | None = None) -> Usage:
+        """Every meter of an org (and a user's personal meters), with history: one round trip."""
+        return self._run(self.engine.usage(org, user))
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> UsageGuard:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class Reservation:
+    """An estimate counted by :meth:`UsageGuard.reserve`. Settle or cancel it once.
+
+    A denied reservation (``not r.decision.allowed``) counted nothing: its
+    ``settle`` and ``cancel`` do nothing.
+    """
+
+    def __init__(self, guard: UsageGuard, decision: Decision, ticket: Ticket) -> None:
+        self.guard = guard
+        self.decision = decision
+        self.ticket = ticket
+
+    @property
+    def open(self) -> bool:
+        return self.decision.allowed and self.decision.scope != "unavailable"
+
+    def settle(self, actual: int | Amounts) -> bool:
+        """Adjust the counters by ``actual - estimate`` (never denied). False if already done."""
+        call = self.guard.engine.settle(self.ticket, actual)
+        return self.open and self.guard._run(call)
+
+    def cancel(self) -> bool:
+        """Refund the estimate. False if already settled or cancelled."""
+        call = self.guard.engine.settle(self.ticket, None)
+        return self.open and self.guard._run(call)
+
+
+def _close(awaitable: Any) -> None:
+    close = getattr(awaitable, "close", None)
+    if close is not None:
+        close()

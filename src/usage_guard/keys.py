@@ -1,0 +1,96 @@
+"""The Redis key layout and how ids are encoded into it. Pure.
+
+Every key of one organization carries the hash tag ``{<org>}``, so one script
+call reads and writes them atomically, on Redis Cluster too::
+
+    ug:{acme}:org                          hash  plan, limit:<metric> overrides
+    ug:{acme}:budgets                      hash  <user>:<metric> -> allocation
+    ug:{acme}:c:<metric>:<YYYY-MM>         org counter of a monthly metric
+    ug:{acme}:u:<user>:<metric>:<YYYY-MM>  personal counter of a monthly metric
+    ug:{acme}:g:<metric>                   current value of a cumulative metric
+    ug:{acme}:h:<metric>                   hash <YYYY-MM> -> last value of a cumulative metric
+    ug:{acme}:t:<YYYY-MM>                  hash <metric> -> highest threshold event emitted
+    ug:{acme}:idem:<key>                   an admitted idempotent consumption (24 h)
+    ug:{acme}:r:<id>                       an open reservation
+
+Ids made of ASCII letters, digits and ``_ . - @`` appear unchanged; every
+other byte of their UTF-8 form is percent-encoded (``%7B`` for ``{``), so no id
+can break a hash tag or run into another id's keys.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from urllib.parse import unquote
+
+from .errors import InvalidIdentifier
+
+MAX_ID_LENGTH = 256
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_.@-]+")
+
+
+def encode_id(value: str) -> str:
+    """The form of an org/user/idempotency id inside keys (validated)."""
+    if type(value) is not str:
+        raise InvalidIdentifier(f"ids must be str, not {type(value).__name__}")
+    return _encode(value)
+
+
+@lru_cache(maxsize=65536)
+def _encode(value: str) -> str:
+    if not value or len(value) > MAX_ID_LENGTH:
+        raise InvalidIdentifier(f"ids must have 1 to {MAX_ID_LENGTH} characters: {value[:40]!r}")
+    if _PLAIN_ID.fullmatch(value):
+        return value
+    return "".join(
+        char if _PLAIN_ID.fullmatch(char) else "".join(f"%{b:02X}" for b in char.encode())
+        for char in value
+    )
+
+
+def decode_id(encoded: str) -> str:
+    """The inverse of :func:`encode_id`."""
+    return unquote(encoded, errors="strict")
+
+
+class KeySpace:
+    """Builds the keys of one organization under a prefix (``ug`` by default)."""
+
+    __slots__ = ("base",)
+
+    def __init__(self, prefix: str, org: str) -> None:
+        self.base = f"{prefix}:{{{encode_id(org)}}}:"
+
+    @property
+    def org(self) -> str:
+        return self.base + "org"
+
+    @property
+    def budgets(self) -> str:
+        return self.base + "budgets"
+
+    def counter(self, metric: str, period: str) -> str:
+        return f"{self.base}c:{metric}:{period}"
+
+    def personal(self, user_id: str, metric: str, period: str) -> str:
+        return f"{self.base}u:{user_id}:{metric}:{period}"
+
+    def gauge(self, metric: str) -> str:
+        return f"{self.base}g:{metric}"
+
+    def history(self, metric: str) -> str:
+        return f"{self.base}h:{metric}"
+
+    def thresholds(self, period: str) -> str:
+        return f"{self.base}t:{period}"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.base}idem:{encode_id(key)}"
+
+    def reservation(self, reservation_id: str) -> str:
+        return f"{self.base}r:{reservation_id}"
+
+
+def budget_field(user_id: str, metric: str) -> str:
+    return f"{user_id}:{metric}"

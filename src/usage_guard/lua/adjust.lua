@@ -1,0 +1,47 @@
+-- Unchecked changes (MODE): 'settle' / 'cancel' a reservation (KEYS[EXTRA_KEY], FLAGS 'r'),
+-- 'release' (subtract) or 'set' a cumulative value. Counters never go below 0.
+-- Reply: {done (1, or 0 for a reservation already settled), then name, threshold,
+--         used, limit for each threshold reached}.
+
+local metrics = load_metrics()
+local deltas = {}
+if FLAGS == 'r' then
+  local names = {}
+  for i, m in ipairs(metrics) do
+    names[i] = m.name
+  end
+  local estimates = redis.call('HMGET', KEYS[EXTRA_KEY], unpack(names))
+  if redis.call('DEL', KEYS[EXTRA_KEY]) == 0 then
+    return {0}
+  end
+  for i, m in ipairs(metrics) do
+    local estimate = tonumber(estimates[i] or '0')
+    deltas[i] = MODE == 'cancel' and -estimate or m.amount - estimate
+  end
+else
+  for i, m in ipairs(metrics) do
+    if MODE == 'release' then
+      deltas[i] = -m.amount
+    else
+      deltas[i] = m.amount - tonumber(redis.call('GET', m.key) or '0')
+    end
+  end
+end
+
+local reply = {1}
+for i, m in ipairs(metrics) do
+  local delta = deltas[i]
+  if delta ~= 0 then
+    local used = add(m.key, delta, m.monthly)
+    if m.personal then
+      add(m.other, delta, true)
+    end
+    if not m.monthly then
+      remember(m.other, used)
+    end
+    if delta > 0 then
+      reach_thresholds(m, used, reply)
+    end
+  end
+end
+return reply

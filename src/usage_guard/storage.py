@@ -1,0 +1,194 @@
+"""Where the counters live, chosen by URL, and the one I/O operation guards need.
+
+``memory://`` runs the same Lua in-process through fakeredis + lupa (each URL
+gets its own server; ``memory://NAME`` shares one by name within the process);
+``redis://``, ``rediss://`` and ``redis+cluster://`` use redis-py, with hiredis
+when installed. Scripts are registered with ``register_script``, which
+reloads them after NOSCRIPT.
+"""
+
+from __future__ import annotations
+
+import threading
+from importlib import resources
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException
+from redis.retry import Retry
+
+from .errors import InvalidUsage
+
+SCRIPTS = ("consume", "adjust", "read", "admin")
+#: Errors that mean "Redis could not answer", as opposed to a bug in a script.
+BACKEND_ERRORS: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    RedisClusterException,
+    OSError,
+)
+
+
+def _load_scripts() -> dict[str, str]:
+    lua = resources.files("usage_guard") / "lua"
+    shared = (lua / "_lib.lua").read_text()
+    sources = {}
+    for name in SCRIPTS:
+        body = (lua / f"{name}.lua").read_text()
+        sources[name] = shared + body if name in ("consume", "adjust") else body
+    return sources
+
+
+SOURCES = _load_scripts()
+
+
+class ScriptRunner(Protocol):
+    def run(self, script: str, keys: list[str], args: list[str | int]) -> Any: ...
+
+
+class AsyncScriptRunner(Protocol):
+    async def run(self, script: str, keys: list[str], args: list[str | int]) -> Any: ...
+
+
+class RedisScripts:
+    """Runs the package's scripts on a redis-py (or fakeredis) client: one EVALSHA each."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._scripts = {name: client.register_script(src) for name, src in SOURCES.items()}
+
+    def run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
+        return self._scripts[script](keys=keys, args=args)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class AsyncRedisScripts:
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._scripts = {name: client.register_script(src) for name, src in SOURCES.items()}
+
+    async def run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
+        return await self._scripts[script](keys=keys, args=args)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+_named_servers: dict[str, Any] = {}
+_named_lock = threading.Lock()
+
+
+class Backend:
+    """The clients for one URL, made on first use: a guard and its async twin share it."""
+
+    def __init__(self, url: str, *, timeout: float = 1.0, max_connections: int = 100) -> None:
+        if not isinstance(url, str):
+            raise InvalidUsage("the storage URL must be a str")
+        parts = urlsplit(url)
+        if parts.scheme not in ("memory", "redis", "rediss", "redis+cluster", "rediss+cluster"):
+            raise InvalidUsage(
+                f"unsupported storage URL {url!r}: use memory://, redis://, rediss:// "
+                "or redis+cluster://"
+            )
+        if not timeout > 0:
+            raise InvalidUsage("timeout must be a positive number of seconds")
+        self.url = url
+        self.timeout = timeout
+        self.max_connections = max_connections
+        self._parts = parts
+        self._server: Any = None
+        if parts.scheme == "memory":
+            self._server = _memory_server(parts.netloc + parts.path)
+        self._sync: RedisScripts | None = None
+        self._async: AsyncRedisScripts | None = None
+
+    @property
+    def kind(self) -> str:
+        return self._parts.scheme
+
+    def _redis_options(self) -> dict[str, Any]:
+        # No automatic retries: a timed-out script may have run, and a retry would count twice.
+        return {
+            "decode_responses": True,
+            "socket_timeout": self.timeout,
+            "socket_connect_timeout": self.timeout,
+        }
+
+    def _real_url(self) -> str:
+        scheme = self._parts.scheme.removesuffix("+cluster")
+        return urlunsplit((scheme, *self._parts[1:]))
+
+    def sync(self) -> RedisScripts:
+        if self._sync is None:
+            self._sync = RedisScripts(self._sync_client())
+        return self._sync
+
+    def aio(self) -> AsyncRedisScripts:
+        if self._async is None:
+            self._async = AsyncRedisScripts(self._async_client())
+        return self._async
+
+    def _sync_client(self) -> Any:
+        if self._server is not None:
+            import fakeredis
+
+            return fakeredis.FakeRedis(server=self._server, decode_responses=True)
+        options = self._redis_options()
+        if self._parts.scheme.endswith("+cluster"):
+            return redis.cluster.RedisCluster.from_url(
+                self._real_url(), retry=Retry(NoBackoff(), 0), **options
+            )
+        return redis.Redis.from_url(self.url, retry=Retry(NoBackoff(), 0), **options)
+
+    def _async_client(self) -> Any:
+        if self._server is not None:
+            import fakeredis
+
+            return fakeredis.FakeAsyncRedis(server=self._server, decode_responses=True)
+        options = self._redis_options()
+        retry = AsyncRetry(NoBackoff(), 0)
+        if self._parts.scheme.endswith("+cluster"):
+            return redis.asyncio.cluster.RedisCluster.from_url(
+                self._real_url(), retry=retry, **options
+            )
+        # A blocking pool waits (up to the timeout) for a free connection under bursts
+        # instead of failing at once as the default pool does past max_connections.
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=self.max_connections,
+            timeout=self.timeout,
+            retry=retry,
+            **options,
+        )
+        return redis.asyncio.Redis(connection_pool=pool)
+
+    def close(self) -> None:
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+
+    async def aclose(self) -> None:
+        if self._async is not None:
+            await self._async.close()
+            self._async = None
+
+
+def _memory_server(name: str) -> Any:
+    import fakeredis
+
+    if not name:
+        return fakeredis.FakeServer()
+    with _named_lock:
+        if name not in _named_servers:
+            _named_servers[name] = fakeredis.FakeServer()
+        return _named_servers[name]

@@ -1,0 +1,233 @@
+"""Backends for the test suite.
+
+Every test that takes ``make_guard`` runs once per backend: ``memory`` always;
+``redis`` when ``USAGE_GUARD_REDIS_URL`` names a server (keys go under a
+per-test prefix and are deleted after; nothing is flushed); ``cluster`` when
+``USAGE_GUARD_CLUSTER=1``, on a throwaway 3-master cluster this file starts
+with the ``redis-server`` binary and stops after the session.
+
+Tests marked ``real_redis`` or ``cluster`` are deselected when their server is
+not configured. With ``CI=true`` both must be configured: a missing one fails
+the run instead of shrinking it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from usage_guard import UsageGuard
+
+REDIS_URL = os.environ.get("USAGE_GUARD_REDIS_URL", "")
+CLUSTER = os.environ.get("USAGE_GUARD_CLUSTER", "") == "1"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if IN_CI and not (REDIS_URL and CLUSTER):
+        raise pytest.UsageError(
+            "CI=true needs USAGE_GUARD_REDIS_URL and USAGE_GUARD_CLUSTER=1: "
+            "real Redis and Redis Cluster tests must run in CI"
+        )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    keep, drop = [], []
+    for item in items:
+        needs_redis = item.get_closest_marker("real_redis") is not None
+        needs_cluster = item.get_closest_marker("cluster") is not None
+        if (needs_redis and not REDIS_URL) or (needs_cluster and not CLUSTER):
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (redis.RedisError, OSError):
+            pass
+        time.sleep(0.02)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+class RedisProcess:
+    """A throwaway redis-server on a free loopback port, stopped by the test process."""
+
+    def __init__(self, directory: Path, *extra: str) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        self.port = free_port()
+        directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(directory),
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_timeout=0.5)
+        wait_for(lambda: bool(client.ping()), what=f"redis-server on {self.port}")
+        client.close()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def redis_process(tmp_path: Path) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path / "redis")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A 3-master Redis Cluster on loopback, slots assigned by hand (about 2 s to start)."""
+    base = tmp_path_factory.mktemp("cluster")
+    nodes = [
+        RedisProcess(
+            base / str(i),
+            "--cluster-enabled",
+            "yes",
+            "--cluster-node-timeout",
+            "2000",
+            "--cluster-config-file",
+            str(base / f"nodes-{i}.conf"),
+        )
+        for i in range(3)
+    ]
+    try:
+        clients = [redis.Redis(port=n.port, decode_responses=True) for n in nodes]
+        per = 16384 // len(nodes)
+        for i, client in enumerate(clients):
+            high = 16383 if i == len(nodes) - 1 else (i + 1) * per - 1
+            client.execute_command("CLUSTER ADDSLOTSRANGE", i * per, high)
+            client.execute_command("CLUSTER SET-CONFIG-EPOCH", i + 1)
+        for node in nodes[1:]:
+            clients[0].execute_command("CLUSTER MEET", "127.0.0.1", node.port)
+        for client in clients:
+            wait_for(
+                lambda c=client: _cluster_ready(c.execute_command("CLUSTER INFO"), len(nodes)),
+                timeout=30,
+                what="cluster_state:ok",
+            )
+            client.close()
+        yield f"redis+cluster://127.0.0.1:{nodes[0].port}"
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def _cluster_ready(info: Any, size: int) -> bool:
+    # redis-py parses CLUSTER INFO into a dict.
+    return bool(info["cluster_state"] == "ok" and int(info["cluster_known_nodes"]) == size)
+
+
+BACKENDS = ["memory"] + (["redis"] if REDIS_URL else []) + (["cluster"] if CLUSTER else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def storage_url(request: pytest.FixtureRequest) -> str:
+    if request.param == "memory":
+        return "memory://"
+    if request.param == "redis":
+        return REDIS_URL
+    return str(request.getfixturevalue("cluster_url"))
+
+
+class Clock:
+    """An injectable clock: ``clock.set(...)``, ``clock.advance(...)``."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def set(self, *args: int, **kwargs: Any) -> None:
+        self.now = datetime(*args, tzinfo=timezone.utc, **kwargs)  # type: ignore[misc]
+
+    def advance(self, **kwargs: float) -> None:
+        self.now += timedelta(**kwargs)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(datetime(2026, 11, 15, 12, 0, tzinfo=timezone.utc))
+
+
+def delete_prefix(url: str, prefix: str) -> None:
+    """Delete the keys of one test prefix (never FLUSH a shared server)."""
+    if url.startswith("redis+cluster://"):
+        client: Any = redis.RedisCluster.from_url(url.replace("redis+cluster", "redis"))
+        for key in client.scan_iter(match=f"{prefix}:*", target_nodes=redis.RedisCluster.ALL_NODES):
+            client.delete(key)
+    else:
+        client = redis.Redis.from_url(url)
+        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            client.delete(key)
+    client.close()
+
+
+@pytest.fixture
+def make_guard(storage_url: str, clock: Clock) -> Iterator[Callable[..., UsageGuard]]:
+    """``make_guard(plans=..., default_plan=..., **options)`` on the current backend.
+
+    Each guard gets a fresh key prefix and the test's ``clock`` unless given one.
+    """
+    made: list[tuple[UsageGuard, str]] = []
+
+    def factory(**options: Any) -> UsageGuard:
+        prefix = options.pop("prefix", f"ugt{uuid.uuid4().hex[:10]}")
+        options.setdefault("clock", clock)
+        guard = UsageGuard.from_url(storage_url, prefix=prefix, **options)
+        made.append((guard, prefix))
+        return guard
+
+    yield factory
+    for guard, prefix in made:
+        guard.close()
+        if not storage_url.startswith("memory"):
+            delete_prefix(storage_url, prefix)
