@@ -16,6 +16,7 @@ from .errors import (
 from .guard import Reservation, UsageGuard
 from .periods import Period
 from .plans import Plan
+from .subject import Subject
 from .usage import MeterUsage, PersonalUsage, Usage
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "PersonalUsage",
     "Plan",
     "Reservation",
+    "Subject",
     "ThresholdEvent",
     "UnknownMetric",
     "UnknownPlan",
