@@ -436,6 +436,8 @@ def _none(reply: Any) -> tuple[None, Events]:
 
 def _events(org: str, period: Period, reply: Any, start: int) -> Events:
     """The (name, threshold, used, limit) quadruples a script appended to its reply."""
+    if len(reply) <= start:
+        return ()
     return tuple(
         ThresholdEvent(org, reply[i], reply[i + 1], reply[i + 2], reply[i + 3], period.key)
         for i in range(start, len(reply), 4)

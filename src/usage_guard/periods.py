@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import cached_property
 
 Clock = Callable[[], datetime]
 
@@ -32,15 +33,16 @@ class Period:
         year, month = key.split("-")
         return cls(int(year), int(month))
 
-    @property
+    @cached_property
     def key(self) -> str:
         return f"{self.year:04d}-{self.month:02d}"
 
-    @property
+    @cached_property
     def start(self) -> datetime:
         return datetime(self.year, self.month, 1, tzinfo=timezone.utc)
 
-    @property
+    # Cached: every decision of a period carries it as ``resets_at``.
+    @cached_property
     def end(self) -> datetime:
         """The next period's start: when this period's counters reset."""
         return self.shift(1).start

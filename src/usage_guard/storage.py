@@ -20,7 +20,7 @@ import redis.asyncio.cluster
 import redis.cluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisClusterException
+from redis.exceptions import NoScriptError, RedisClusterException
 from redis.retry import Retry
 
 from .errors import InvalidUsage
@@ -59,14 +59,22 @@ class AsyncScriptRunner(Protocol):
 
 
 class RedisScripts:
-    """Runs the package's scripts on a redis-py (or fakeredis) client: one EVALSHA each."""
+    """Runs the package's scripts on a redis-py (or fakeredis) client: one EVALSHA each.
+
+    EVALSHA is sent directly (``Script.__call__`` costs about 10 µs more per call);
+    on NOSCRIPT (a flushed or new server) the registered ``Script`` loads and runs it.
+    """
 
     def __init__(self, client: Any) -> None:
         self.client = client
         self._scripts = {name: client.register_script(src) for name, src in SOURCES.items()}
 
     def run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
-        return self._scripts[script](keys=keys, args=args)
+        registered = self._scripts[script]
+        try:
+            return self.client.evalsha(registered.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return registered(keys=keys, args=args)
 
     def close(self) -> None:
         self.client.close()
@@ -78,7 +86,11 @@ class AsyncRedisScripts:
         self._scripts = {name: client.register_script(src) for name, src in SOURCES.items()}
 
     async def run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
-        return await self._scripts[script](keys=keys, args=args)
+        registered = self._scripts[script]
+        try:
+            return await self.client.evalsha(registered.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await registered(keys=keys, args=args)
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -116,7 +116,8 @@ end
 -- Thresholds (80/90/100 % of the limit) newly reached by an org meter, each recorded once
 -- per period in KEYS[3]; appended to reply as name, threshold, used, limit.
 local function reach_thresholds(m, used, reply)
-  if not m.limit or m.limit == 0 then
+  -- Most calls stay below the first threshold: they need no read of the thresholds hash.
+  if not m.limit or m.limit == 0 or used < scaled(m.limit_text, 80, true) then
     return
   end
   local fired = tonumber(redis.call('HGET', KEYS[3], m.name) or '0')

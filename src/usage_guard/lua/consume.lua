@@ -18,24 +18,26 @@ if FLAGS == 'i' then
 end
 
 local metrics, unknown_plan = load_metrics()
-local budgets = {}
-if USER ~= '' then
-  local fields = {}
-  for i, m in ipairs(metrics) do
-    fields[i] = USER .. ':' .. m.name
-  end
+local budgets, fields, personal = {}, {}, false
+for i, m in ipairs(metrics) do
+  fields[i] = USER .. ':' .. m.name
+  personal = personal or m.personal
+end
+if personal then
   budgets = redis.call('HMGET', KEYS[2], unpack(fields))
 end
 
 -- The personal budget is checked before the org limit: it names the scope of a denial.
 for i, m in ipairs(metrics) do
-  m.used = tonumber(redis.call('GET', m.key) or '0')
   if m.personal then
-    m.own = tonumber(redis.call('GET', m.other) or '0')
+    local counters = redis.call('MGET', m.key, m.other)
+    m.used, m.own = tonumber(counters[1] or '0'), tonumber(counters[2] or '0')
     m.budget = budgets[i] and tonumber(budgets[i])
     if m.budget and not fits(m.own, m.amount, m.budget) then
       return {0, m.name, 'personal', m.own, m.budget, m.budget, unknown_plan}
     end
+  else
+    m.used = tonumber(redis.call('GET', m.key) or '0')
   end
   if not fits(m.used, m.amount, m.quota) then
     return {0, m.name, 'organization', m.used, m.limit or -1, m.limit and m.quota or -1,

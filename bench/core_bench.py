@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""The hot path of the core: µs per ``consume`` next to the raw floor, commands, memory.
+
+In one run, interleaved so machine noise hits both sides alike:
+
+* floor: redis-py ``register_script`` of a minimal 3-key script (three INCRBY on
+  keys sharing a hash tag), sync and asyncio, on the same server;
+* ``UsageGuard.consume`` and ``AsyncUsageGuard.consume`` (one metric, with a user,
+  a plan limit, a personal counter: the realistic hot path);
+* the same on ``memory://`` next to fakeredis running the floor script;
+* Redis commands per consumption from ``INFO commandstats`` deltas;
+* ``MEMORY USAGE`` of one org with all 12 metrics used for 6 months.
+
+Usage: python bench/core_bench.py [--url redis://127.0.0.1:6379/14] [--n 5000] [--rounds 5]
+Keys go under a fresh prefix and are deleted afterwards; nothing is flushed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
+
+import fakeredis
+import redis
+import redis.asyncio
+
+from usage_guard import Plan, UsageGuard
+from usage_guard.catalog import DEFAULT_CATALOG
+
+FLOOR_LUA = """
+local a = redis.call('INCRBY', KEYS[1], ARGV[1])
+local b = redis.call('INCRBY', KEYS[2], ARGV[1])
+local c = redis.call('INCRBY', KEYS[3], ARGV[1])
+return {a, b, c}
+"""
+BIG = 10**15
+PLANS = {"bench": Plan("bench", {m.name: BIG for m in DEFAULT_CATALOG})}
+
+
+def per_call_us(fn: Callable[[], object], n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n * 1e6
+
+
+async def per_call_us_async(fn: Callable[[], Awaitable[object]], n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        await fn()
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def floor_keys(prefix: str) -> list[str]:
+    return [f"{prefix}:{{floor}}:{name}" for name in ("a", "b", "c")]
+
+
+def bench_pair(
+    label: str, floor: Callable[[], object], guarded: Callable[[], object], n: int, rounds: int
+) -> None:
+    for fn in (floor, guarded):
+        per_call_us(fn, n // 10)
+    floors, guards = [], []
+    for _ in range(rounds):
+        floors.append(per_call_us(floor, n))
+        guards.append(per_call_us(guarded, n))
+    report(label, floors, guards)
+
+
+async def bench_pair_async(
+    label: str,
+    floor: Callable[[], Awaitable[object]],
+    guarded: Callable[[], Awaitable[object]],
+    n: int,
+    rounds: int,
+) -> None:
+    for fn in (floor, guarded):
+        await per_call_us_async(fn, n // 10)
+    floors, guards = [], []
+    for _ in range(rounds):
+        floors.append(await per_call_us_async(floor, n))
+        guards.append(await per_call_us_async(guarded, n))
+    report(label, floors, guards)
+
+
+def report(label: str, floors: list[float], guards: list[float]) -> None:
+    floor, guarded = statistics.median(floors), statistics.median(guards)
+    print(
+        f"| {label} | {floor:.1f} | {guarded:.1f} | {guarded / floor:.2f}x | {len(floors)} rounds |"
+    )
+
+
+def commands_per_consume(url: str, guard: UsageGuard, n: int) -> float:
+    admin = redis.Redis.from_url(url)
+
+    def total_calls() -> int:
+        stats = admin.info("commandstats")
+        return sum(v["calls"] for k, v in stats.items() if k != "cmdstat_info")
+
+    before = total_calls()
+    for _ in range(n):
+        guard.consume("cmd-org", "ai_tokens", 1, user="alice")
+    used = total_calls() - before
+    admin.close()
+    return used / n
+
+
+def memory_per_org(url: str, prefix: str) -> int:
+    """All 12 metrics used in each of 6 months, with personal counters for 2 users."""
+    moments = [datetime(2026, month, 10, tzinfo=timezone.utc) for month in range(6, 12)]
+    now = {"value": moments[0]}
+    guard = UsageGuard.from_url(
+        url, plans=PLANS, default_plan="bench", prefix=prefix, clock=lambda: now["value"]
+    )
+    for moment in moments:
+        now["value"] = moment
+        for metric in DEFAULT_CATALOG:
+            for user in ("alice", "bob"):
+                guard.consume("mem-org", metric.name, 1234, user=user)
+    guard.set_budget("mem-org", "alice", "ai_tokens", 10_000)
+    guard.close()
+    client = redis.Redis.from_url(url)
+    total = sum(
+        client.memory_usage(key) or 0 for key in client.scan_iter(match=f"{prefix}:{{mem-org}}:*")
+    )
+    client.close()
+    return total
+
+
+def delete_prefix(url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(url)
+    for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        client.delete(key)
+    client.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", default="redis://127.0.0.1:6379/14")
+    parser.add_argument("--n", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=5)
+    options = parser.parse_args()
+    url, n, rounds = options.url, options.n, options.rounds
+    prefix = f"ugbench{uuid.uuid4().hex[:8]}"
+    args = ["1"]
+    print(f"# redis-py {redis.__version__}, n={n} per round, median of {rounds} rounds")
+    print("| path | floor µs/call | consume µs/call | ratio | |")
+    print("| --- | --- | --- | --- | --- |")
+    try:
+        guard = UsageGuard.from_url(url, plans=PLANS, default_plan="bench", prefix=prefix)
+        client = redis.Redis.from_url(url)
+        floor = client.register_script(FLOOR_LUA)
+        keys = floor_keys(prefix)
+        bench_pair(
+            "real Redis, sync",
+            lambda: floor(keys=keys, args=args),
+            lambda: guard.consume("bench-org", "ai_tokens", 1, user="alice"),
+            n,
+            rounds,
+        )
+
+        async def run_async() -> None:
+            aclient = redis.asyncio.Redis.from_url(url)
+            afloor = aclient.register_script(FLOOR_LUA)
+            aguard = guard.aio
+            await bench_pair_async(
+                "real Redis, asyncio",
+                lambda: afloor(keys=keys, args=args),
+                lambda: aguard.consume("bench-org", "ai_tokens", 1, user="alice"),
+                n,
+                rounds,
+            )
+            await aclient.aclose()
+            await aguard.aclose()
+
+        asyncio.run(run_async())
+
+        server = fakeredis.FakeServer()
+        fake = fakeredis.FakeRedis(server=server)
+        fake_floor = fake.register_script(FLOOR_LUA)
+        memory = UsageGuard.from_url("memory://", plans=PLANS, default_plan="bench")
+        bench_pair(
+            "memory:// (fakeredis + lupa), sync",
+            lambda: fake_floor(keys=keys, args=args),
+            lambda: memory.consume("bench-org", "ai_tokens", 1, user="alice"),
+            max(1, n // 5),
+            rounds,
+        )
+        print()
+        print(f"Redis commands per consume: {commands_per_consume(url, guard, 1000):.3f}")
+        print(
+            f"MEMORY USAGE of one org, 12 metrics x 6 months, 2 users: "
+            f"{memory_per_org(url, prefix)} bytes"
+        )
+        guard.close()
+        client.close()
+    finally:
+        delete_prefix(url, prefix)
+
+
+if __name__ == "__main__":
+    main()
