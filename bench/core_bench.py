@@ -95,19 +95,25 @@ def report(label: str, floors: list[float], guards: list[float]) -> None:
     )
 
 
-def commands_per_consume(url: str, guard: UsageGuard, n: int) -> float:
+def commands_per_consume(url: str, guard: UsageGuard, n: int) -> dict[str, float]:
+    """Per-command ``INFO commandstats`` deltas per consume (INFO itself left out).
+
+    Redis counts the commands a script runs as well as the EVALSHA that the
+    client sent, so the client's round trips are the ``evalsha`` row.
+    """
     admin = redis.Redis.from_url(url)
 
-    def total_calls() -> int:
+    def calls() -> dict[str, int]:
         stats = admin.info("commandstats")
-        return sum(v["calls"] for k, v in stats.items() if k != "cmdstat_info")
+        return {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
 
-    before = total_calls()
+    before = calls()
     for _ in range(n):
         guard.consume("cmd-org", "ai_tokens", 1, user="alice")
-    used = total_calls() - before
+    after = calls()
     admin.close()
-    return used / n
+    deltas = {name: (after[name] - before.get(name, 0)) / n for name in after if name != "info"}
+    return {name: delta for name, delta in sorted(deltas.items()) if delta}
 
 
 def memory_per_org(url: str, prefix: str) -> int:
@@ -192,7 +198,10 @@ def main() -> None:
             rounds,
         )
         print()
-        print(f"Redis commands per consume: {commands_per_consume(url, guard, 1000):.3f}")
+        per_command = commands_per_consume(url, guard, 1000)
+        print(f"Client commands per consume: evalsha {per_command.pop('evalsha', 0):.3f}")
+        inside = ", ".join(f"{name} {count:.3f}" for name, count in per_command.items())
+        print(f"Run by the script inside that EVALSHA: {inside}")
         print(
             f"MEMORY USAGE of one org, 12 metrics x 6 months, 2 users: "
             f"{memory_per_org(url, prefix)} bytes"

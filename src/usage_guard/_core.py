@@ -18,7 +18,7 @@ from .decision import Decision, Scope, ThresholdEvent
 from .errors import BackendUnavailable, InvalidUsage
 from .keys import KeySpace, budget_field, encode_id
 from .periods import Clock, Period, utc_now
-from .plans import UNLIMITED, Plan, Plans, check_limit, check_value
+from .plans import UNLIMITED, Plan, Plans, admitted, check_limit, check_value
 from .usage import MeterUsage, PersonalUsage, Usage
 
 logger = logging.getLogger("usage_guard")
@@ -390,7 +390,7 @@ class Engine:
                 current = int(next(values) or 0)
                 history = _carried_forward(_pairs(next(histories)), window, current)
             limit = self.plans.resolve(plan, overrides, m.name)
-            quota = None if limit is None else limit * self.catalog.percent_admitted(m) // 100
+            quota = None if limit is None else admitted(limit, self.catalog.percent_admitted(m))
             meters[m.name] = MeterUsage(m.name, history[-1], limit, quota, history)
         mine = {
             m.name: PersonalUsage(

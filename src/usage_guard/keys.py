@@ -43,6 +43,11 @@ def _encode(value: str) -> str:
         raise InvalidIdentifier(f"ids must have 1 to {MAX_ID_LENGTH} characters: {value[:40]!r}")
     if _PLAIN_ID.fullmatch(value):
         return value
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate has no UTF-8 form, so no key could name it.
+        raise InvalidIdentifier(f"ids must be valid Unicode text: {value[:40]!r}") from None
     return "".join(
         char if _PLAIN_ID.fullmatch(char) else "".join(f"%{b:02X}" for b in char.encode())
         for char in value

@@ -29,6 +29,11 @@ def check_limit(value: object, what: str = "limit") -> int | None:
     return None if value is None else check_value(value, what)
 
 
+def admitted(limit: int, percent: int) -> int:
+    """The most a limit admits: ``percent`` % of it, rounded down, as the Lua scripts count."""
+    return min(MAX_VALUE, limit * percent // 100)
+
+
 @dataclass(frozen=True)
 class Plan:
     """``Plan("free", {"ai_tokens": 50_000, "storage": None})``.

@@ -9,6 +9,7 @@ reloads them after NOSCRIPT.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from importlib import resources
 from typing import Any, Protocol
@@ -77,15 +78,41 @@ class RedisScripts:
             return registered(keys=keys, args=args)
 
     def close(self) -> None:
+        if isinstance(self.client, redis.cluster.RedisCluster):
+            # RedisCluster.close() leaves its per-node pools' connections open.
+            for node in self.client.get_nodes():
+                if node.redis_connection is not None:
+                    node.redis_connection.connection_pool.disconnect()
         self.client.close()
 
 
 class AsyncRedisScripts:
-    def __init__(self, client: Any) -> None:
+    """Runs the scripts on an asyncio client.
+
+    ``max_in_flight`` bounds the calls sent at once, each waiting up to ``wait``
+    seconds for its turn: redis-py's async cluster client fails at once past
+    ``max_connections`` per node instead of waiting like a blocking pool.
+    """
+
+    def __init__(self, client: Any, *, max_in_flight: int | None = None, wait: float = 1.0) -> None:
         self.client = client
         self._scripts = {name: client.register_script(src) for name, src in SOURCES.items()}
+        self._turns = None if max_in_flight is None else asyncio.Semaphore(max_in_flight)
+        self._wait = wait
 
     async def run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
+        if self._turns is None:
+            return await self._evalsha(script, keys, args)
+        try:
+            await asyncio.wait_for(self._turns.acquire(), self._wait)
+        except asyncio.TimeoutError:
+            raise redis.ConnectionError("no connection free within the timeout") from None
+        try:
+            return await self._evalsha(script, keys, args)
+        finally:
+            self._turns.release()
+
+    async def _evalsha(self, script: str, keys: list[str], args: list[str | int]) -> Any:
         registered = self._scripts[script]
         try:
             return await self.client.evalsha(registered.sha, len(keys), *keys, *args)
@@ -147,7 +174,12 @@ class Backend:
 
     def aio(self) -> AsyncRedisScripts:
         if self._async is None:
-            self._async = AsyncRedisScripts(self._async_client())
+            cluster = self._parts.scheme.endswith("+cluster")
+            self._async = AsyncRedisScripts(
+                self._async_client(),
+                max_in_flight=self.max_connections if cluster else None,
+                wait=self.timeout,
+            )
         return self._async
 
     def _sync_client(self) -> Any:
@@ -166,7 +198,13 @@ class Backend:
         if self._server is not None:
             import fakeredis
 
-            return fakeredis.FakeAsyncRedis(server=self._server, decode_responses=True)
+            # Like the redis:// pool below: wait for a free connection rather than fail.
+            return fakeredis.FakeAsyncRedis(
+                server=self._server,
+                decode_responses=True,
+                connection_pool_class=redis.asyncio.BlockingConnectionPool,
+                max_connections=self.max_connections,
+            )
         options = self._redis_options()
         retry = AsyncRetry(NoBackoff(), 0)
         if self._parts.scheme.endswith("+cluster"):
@@ -182,7 +220,7 @@ class Backend:
             retry=retry,
             **options,
         )
-        return redis.asyncio.Redis(connection_pool=pool)
+        return redis.asyncio.Redis.from_pool(pool)  # closing the client closes its pool
 
     def close(self) -> None:
         if self._sync is not None:

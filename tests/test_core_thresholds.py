@@ -1,0 +1,191 @@
+"""Threshold events at 80, 90 and 100 % of an org limit: once per (org, metric, threshold,
+period)."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+
+from usage_guard import Plan, ThresholdEvent, UsageGuard
+
+MakeGuard = Callable[..., UsageGuard]
+PLANS = {"free": Plan("free", {"emails": 10, "contacts": 10, "lead_captures": 7, "storage": 100})}
+
+
+@pytest.fixture
+def guard(make_guard: MakeGuard) -> UsageGuard:
+    return make_guard(plans=PLANS, default_plan="free")
+
+
+@pytest.fixture
+def events(guard: UsageGuard) -> list[ThresholdEvent]:
+    received: list[ThresholdEvent] = []
+    guard.on_threshold(received.append)
+    return received
+
+
+def reached(events: list[ThresholdEvent]) -> list[tuple[str, int, int]]:
+    return [(e.metric, e.threshold, e.used) for e in events]
+
+
+def test_each_threshold_is_emitted_once_as_it_is_reached(
+    guard: UsageGuard, events: list[ThresholdEvent]
+) -> None:
+    guard.consume("acme", "emails", 7)
+    assert events == []
+    for _ in range(4):
+        guard.consume("acme", "emails", 1)
+    assert events == [
+        ThresholdEvent("acme", "emails", 80, 8, 10, "2026-11"),
+        ThresholdEvent("acme", "emails", 90, 9, 10, "2026-11"),
+        ThresholdEvent("acme", "emails", 100, 10, 10, "2026-11"),
+    ]
+
+
+def test_a_jump_emits_every_threshold_it_crosses_in_order(
+    guard: UsageGuard, events: list[ThresholdEvent]
+) -> None:
+    guard.consume("acme", "emails", 10)
+    assert reached(events) == [("emails", 80, 10), ("emails", 90, 10), ("emails", 100, 10)]
+
+
+def test_thresholds_of_an_uneven_limit_round_up(
+    guard: UsageGuard, events: list[ThresholdEvent]
+) -> None:
+    # lead_captures limit 7: 80 % is 5.6, 90 % is 6.3.
+    guard.consume("acme", "lead_captures", 5)
+    assert events == []
+    guard.consume("acme", "lead_captures", 1)
+    assert reached(events) == [("lead_captures", 80, 6)]
+    guard.consume("acme", "lead_captures", 1)
+    assert reached(events)[1:] == [("lead_captures", 90, 7), ("lead_captures", 100, 7)]
+
+
+def test_soft_caps_measure_thresholds_against_the_limit(
+    guard: UsageGuard, events: list[ThresholdEvent]
+) -> None:
+    guard.consume("acme", "contacts", 9)
+    assert reached(events) == [("contacts", 80, 9), ("contacts", 90, 9)]
+    guard.consume("acme", "contacts", 2)  # 11: within the 110 % tolerance
+    assert reached(events)[2:] == [("contacts", 100, 11)]
+
+
+def test_a_release_does_not_rearm_a_threshold(
+    guard: UsageGuard, events: list[ThresholdEvent]
+) -> None:
+    guard.consume("acme", "contacts", 8)
+    guard.release("acme", "contacts", 5)
+    guard.consume("acme", "contacts", 5)
+    assert reached(events) == [("contacts", 80, 8)]
+    guard.consume("acme", "contacts", 1)
+    assert reached(events)[1:] == [("contacts", 90, 9)]
+
+
+def test_settles_and_set_usage_can_reach_thresholds(
+    guard: UsageGuard, events: list[ThresholdEvent]
+) -> None:
+    reservation = guard.reserve("acme", "emails", 5)
+    assert events == []
+    reservation.settle(9)
+    assert reached(events) == [("emails", 80, 9), ("emails", 90, 9)]
+    guard.set_usage("acme", "storage", 100)
+    assert reached(events)[2:] == [
+        ("storage", 80, 100),
+        ("storage", 90, 100),
+        ("storage", 100, 100),
+    ]
+
+
+def test_checks_denials_and_unlimited_meters_emit_nothing(
+    guard: UsageGuard, events: list[ThresholdEvent]
+) -> None:
+    guard.check("acme", "emails", 10)
+    guard.consume("acme", "emails", 11)
+    guard.consume("acme", "api_calls", 10**9)
+    guard.set_limit("acme", "import_rows", 0)
+    guard.consume("acme", "import_rows", 0)
+    assert events == []
+
+
+def test_a_new_period_rearms_the_thresholds(
+    guard: UsageGuard, events: list[ThresholdEvent], clock: Any
+) -> None:
+    clock.set(2026, 11, 30, 23, 59, 59, 999999)
+    guard.consume("acme", "emails", 8)
+    guard.consume("acme", "contacts", 8)
+    clock.set(2026, 12, 1)
+    guard.consume("acme", "emails", 8)
+    guard.consume("acme", "contacts", 1)  # cumulative: 9, in the new calendar month
+    assert [(e.metric, e.threshold, e.period) for e in events] == [
+        ("emails", 80, "2026-11"),
+        ("contacts", 80, "2026-11"),
+        ("emails", 80, "2026-12"),
+        ("contacts", 80, "2026-12"),
+        ("contacts", 90, "2026-12"),
+    ]
+
+
+def test_thresholds_are_per_org(guard: UsageGuard, events: list[ThresholdEvent]) -> None:
+    guard.consume("acme", "emails", 8)
+    guard.consume("globex", "emails", 8)
+    assert [(e.org, e.threshold) for e in events] == [("acme", 80), ("globex", 80)]
+
+
+def test_a_failing_listener_is_logged_and_the_others_still_run(
+    guard: UsageGuard, events: list[ThresholdEvent], caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(event: ThresholdEvent) -> None:
+        raise RuntimeError("listener bug")
+
+    guard.on_threshold(broken)
+    later: list[ThresholdEvent] = []
+    guard.on_threshold(later.append)
+    with caplog.at_level(logging.ERROR, logger="usage_guard"):
+        assert guard.consume("acme", "emails", 8).allowed
+    assert len(events) == len(later) == 1
+    assert any("listener" in r.getMessage() for r in caplog.records)
+
+
+def mid_november() -> datetime:
+    return datetime(2026, 11, 15, 12, tzinfo=timezone.utc)
+
+
+def consume_one_by_one(url: str, prefix: str, attempts: int, start: Any) -> list[int]:
+    """Runs in a spawned process: consume 1 email ``attempts`` times, return the thresholds
+    this process was told about."""
+    guard = UsageGuard.from_url(
+        url, plans=PLANS, default_plan="free", prefix=prefix, clock=mid_november
+    )
+    seen: list[int] = []
+    guard.on_threshold(lambda event: seen.append(event.threshold))
+    start.wait()
+    for _ in range(attempts):
+        guard.consume("acme", "emails", 1)
+    guard.close()
+    return seen
+
+
+@pytest.mark.real_redis
+@pytest.mark.parametrize("storage_url", ["redis"], indirect=True)
+def test_thresholds_fire_exactly_once_across_processes(
+    make_guard: MakeGuard, storage_url: str
+) -> None:
+    guard = make_guard(plans=PLANS, default_plan="free", clock=mid_november)
+    guard.set_limit("acme", "emails", 40)
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager:
+        start = manager.Event()
+        with context.Pool(4) as pool:
+            runs = [
+                pool.apply_async(consume_one_by_one, (storage_url, guard.engine.prefix, 15, start))
+                for _ in range(4)
+            ]
+            start.set()
+            seen = [threshold for run in runs for threshold in run.get(timeout=60)]
+    assert sorted(seen) == [80, 90, 100]
+    assert guard.usage("acme").meters["emails"].used == 40
