@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -80,7 +80,7 @@ class RedisScripts:
     def close(self) -> None:
         if isinstance(self.client, redis.cluster.RedisCluster):
             # RedisCluster.close() leaves its per-node pools' connections open.
-            for node in self.client.get_nodes():
+            for node in cast(Any, self.client).get_nodes():
                 if node.redis_connection is not None:
                     node.redis_connection.connection_pool.disconnect()
         self.client.close()
