@@ -87,26 +87,29 @@ class RedisScripts:
 
 
 class AsyncRedisScripts:
-    """Runs the scripts on an asyncio client.
+    """Runs the scripts on an asyncio client, at most ``max_in_flight`` calls at once.
 
-    ``max_in_flight`` bounds the calls sent at once, each waiting up to ``wait``
-    seconds for its turn: redis-py's async cluster client fails at once past
-    ``max_connections`` per node instead of waiting like a blocking pool.
+    redis-py's asyncio pools (and its cluster client, per node) fail at once past
+    ``max_connections`` instead of waiting; its blocking pool waits but costs
+    about 30 µs per call. A semaphore of the same size makes a burst wait up to
+    ``wait`` seconds for a turn (then it counts as an outage) and costs nothing
+    while turns are free.
     """
 
-    def __init__(self, client: Any, *, max_in_flight: int | None = None, wait: float = 1.0) -> None:
+    def __init__(self, client: Any, *, max_in_flight: int, wait: float) -> None:
         self.client = client
         self._scripts = {name: client.register_script(src) for name, src in SOURCES.items()}
-        self._turns = None if max_in_flight is None else asyncio.Semaphore(max_in_flight)
+        self._turns = asyncio.Semaphore(max_in_flight)
         self._wait = wait
 
     async def run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
-        if self._turns is None:
-            return await self._evalsha(script, keys, args)
-        try:
-            await asyncio.wait_for(self._turns.acquire(), self._wait)
-        except asyncio.TimeoutError:
-            raise redis.ConnectionError("no connection free within the timeout") from None
+        if self._turns.locked():
+            try:
+                await asyncio.wait_for(self._turns.acquire(), self._wait)
+            except asyncio.TimeoutError:
+                raise redis.ConnectionError("no connection free within the timeout") from None
+        else:
+            await self._turns.acquire()
         try:
             return await self._evalsha(script, keys, args)
         finally:
@@ -174,11 +177,8 @@ class Backend:
 
     def aio(self) -> AsyncRedisScripts:
         if self._async is None:
-            cluster = self._parts.scheme.endswith("+cluster")
             self._async = AsyncRedisScripts(
-                self._async_client(),
-                max_in_flight=self.max_connections if cluster else None,
-                wait=self.timeout,
+                self._async_client(), max_in_flight=self.max_connections, wait=self.timeout
             )
         return self._async
 
@@ -198,12 +198,8 @@ class Backend:
         if self._server is not None:
             import fakeredis
 
-            # Like the redis:// pool below: wait for a free connection rather than fail.
             return fakeredis.FakeAsyncRedis(
-                server=self._server,
-                decode_responses=True,
-                connection_pool_class=redis.asyncio.BlockingConnectionPool,
-                max_connections=self.max_connections,
+                server=self._server, decode_responses=True, max_connections=self.max_connections
             )
         options = self._redis_options()
         retry = AsyncRetry(NoBackoff(), 0)
@@ -211,16 +207,9 @@ class Backend:
             return redis.asyncio.cluster.RedisCluster.from_url(
                 self._real_url(), retry=retry, **options
             )
-        # A blocking pool waits (up to the timeout) for a free connection under bursts
-        # instead of failing at once as the default pool does past max_connections.
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            self.url,
-            max_connections=self.max_connections,
-            timeout=self.timeout,
-            retry=retry,
-            **options,
+        return redis.asyncio.Redis.from_url(
+            self.url, max_connections=self.max_connections, retry=retry, **options
         )
-        return redis.asyncio.Redis.from_pool(pool)  # closing the client closes its pool
 
     def close(self) -> None:
         if self._sync is not None:
