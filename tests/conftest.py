@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import redis
+from starlette.testclient import TestClient
 
 from usage_guard import UsageGuard
 
@@ -243,3 +244,26 @@ def make_guard(storage_url: str, clock: Clock) -> Iterator[Callable[..., UsageGu
             delete_prefix(storage_url, prefix)
     if not storage_url.startswith("memory"):
         gc.collect()  # an unclosed connection then warns in the test that leaked it
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., TestClient]]:
+    """``serve(app, guard, ...)``: a started TestClient, stopped after the test.
+
+    The guards' async clients are closed first, on the client's event loop,
+    which owns their connections.
+    """
+    started: list[tuple[TestClient, tuple[UsageGuard, ...]]] = []
+
+    def start(app: Any, *guards: UsageGuard) -> TestClient:
+        client = TestClient(app)
+        client.__enter__()
+        started.append((client, guards))
+        return client
+
+    yield start
+    for client, guards in started:
+        assert client.portal is not None
+        for guard in guards:
+            client.portal.call(guard.aio.aclose)
+        client.__exit__(None, None, None)

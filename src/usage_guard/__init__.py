@@ -1,8 +1,12 @@
 """usage_guard: meter usage and enforce SaaS plan limits and personal budgets in Redis."""
 
 from .aio import AsyncReservation, AsyncUsageGuard
+from .asgi import UsageGuardMiddleware
 from .catalog import DEFAULT_CATALOG, Catalog, Metric
+from .context import current_subject, subject
+from .dashboard import usage_app
 from .decision import Decision, ThresholdEvent
+from .decorator import metered
 from .errors import (
     BackendUnavailable,
     InvalidAmount,
@@ -16,6 +20,7 @@ from .errors import (
 from .guard import Reservation, UsageGuard
 from .periods import Period
 from .plans import Plan
+from .report import Report
 from .subject import Subject
 from .usage import MeterUsage, PersonalUsage, Usage
 
@@ -34,6 +39,7 @@ __all__ = [
     "Period",
     "PersonalUsage",
     "Plan",
+    "Report",
     "Reservation",
     "Subject",
     "ThresholdEvent",
@@ -42,5 +48,10 @@ __all__ = [
     "Usage",
     "UsageGuard",
     "UsageGuardError",
+    "UsageGuardMiddleware",
     "UsageLimitExceeded",
+    "current_subject",
+    "metered",
+    "subject",
+    "usage_app",
 ]

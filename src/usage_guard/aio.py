@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ._core import Amounts, Call, Engine, Events, Listener, Ticket
 from .catalog import Catalog
 from .decision import Decision
+from .report import Report
 from .storage import BACKEND_ERRORS, Backend
 from .usage import Usage
 
 if TYPE_CHECKING:
+    from .fastapi import Requirement
     from .guard import UsageGuard
 
 T = TypeVar("T")
@@ -114,8 +116,23 @@ class AsyncUsageGuard:
         self.engine.listeners.append(listener)
         return listener
 
+    def metered(self, metric: str, amount: Any = 1, *, cost: Any = None) -> Any:
+        """``@guard.metered("emails")``: :func:`usage_guard.metered` on this guard."""
+        from .decorator import metered
+
+        return metered(metric, amount, cost=cost, guard=self)
+
+    def require(self, metric: str, amount: int = 1) -> Requirement:
+        """FastAPI: ``Depends(guard.require("ai_tokens", 1))`` meters the route."""
+        from .fastapi import require
+
+        return require(metric, amount, guard=self)
+
     async def usage(self, org: str, user: str | None = None) -> Usage:
         return await self._run(self.engine.usage(org, user))
+
+    async def report(self, org: str, user: str | None = None) -> Report:
+        return Report.from_usage(await self.usage(org, user), self.catalog)
 
     async def aclose(self) -> None:
         await self.backend.aclose()

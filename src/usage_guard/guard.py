@@ -12,11 +12,13 @@ from .catalog import DEFAULT_CATALOG, Catalog
 from .decision import Decision
 from .periods import Clock
 from .plans import Plan
+from .report import Report
 from .storage import BACKEND_ERRORS, Backend
 from .usage import Usage
 
 if TYPE_CHECKING:
     from .aio import AsyncUsageGuard
+    from .fastapi import Requirement
 
 T = TypeVar("T")
 logger = logging.getLogger("usage_guard")
@@ -166,11 +168,27 @@ class UsageGuard:
         self.engine.listeners.append(listener)
         return listener
 
+    def metered(self, metric: str, amount: Any = 1, *, cost: Any = None) -> Any:
+        """``@guard.metered("emails")``: :func:`usage_guard.metered` on this guard."""
+        from .decorator import metered
+
+        return metered(metric, amount, cost=cost, guard=self)
+
+    def require(self, metric: str, amount: int = 1) -> Requirement:
+        """FastAPI: ``Depends(guard.require("ai_tokens", 1))`` meters the route."""
+        from .fastapi import require
+
+        return require(metric, amount, guard=self)
+
     # -- reading ------------------------------------------------------------------------
 
     def usage(self, org: str, user: str | None = None) -> Usage:
         """Every meter of an org (and a user's personal meters), with history: one round trip."""
         return self._run(self.engine.usage(org, user))
+
+    def report(self, org: str, user: str | None = None) -> Report:
+        """The Usage page's data (``.to_dict()`` is its JSON): one round trip."""
+        return Report.from_usage(self.usage(org, user), self.catalog)
 
     def close(self) -> None:
         self.backend.close()

@@ -1,0 +1,256 @@
+"""UsageGuardMiddleware: pure ASGI metering in front of any ASGI app.
+
+Per identified HTTP request it counts ``api_calls`` (and the metric of a
+matching :class:`Rule`) in one script call, answers a denial with the
+problem+json of :mod:`usage_guard.problem` without calling the app, binds the
+subject and guard for ``@metered`` and turns a ``UsageLimitExceeded`` raised by
+the app into the same answer. Websocket and lifespan scopes pass untouched.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+from starlette.routing import compile_path
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .aio import AsyncUsageGuard
+from .context import AnyGuard, bind, unbind
+from .decision import Decision
+from .errors import InvalidIdentifier, UsageLimitExceeded
+from .problem import Problem, client_error, policy_fields, quota_exceeded
+from .ratelimit import RateLimits
+from .subject import Subject
+
+Identity = Subject | None
+Identify = Callable[[Any], Identity | Awaitable[Identity]]
+
+
+class from_headers:
+    """Identify by request headers (``X-Org-Id`` / ``X-User-Id`` by default).
+
+    Trust client-supplied headers only behind a gateway that sets them. Works
+    with Starlette and Flask requests, and reads the raw ASGI scope in the middleware.
+    """
+
+    def __init__(self, org: str = "x-org-id", user: str | None = "x-user-id") -> None:
+        self.org = org.lower()
+        self.user = None if user is None else user.lower()
+        self._org_raw = self.org.encode("latin-1")
+        self._user_raw = None if self.user is None else self.user.encode("latin-1")
+
+    def __call__(self, request: Any) -> Identity:
+        org = request.headers.get(self.org)
+        if org is None:
+            return None
+        return Subject(org, None if self.user is None else request.headers.get(self.user))
+
+    def from_scope(self, scope: Scope) -> Identity:
+        org = user = None
+        for name, value in scope["headers"]:
+            if name == self._org_raw:
+                org = value.decode("latin-1")
+            elif name == self._user_raw:
+                user = value.decode("latin-1")
+        return None if org is None else Subject(org, user)
+
+
+class from_state:
+    """Identify by attributes an authentication middleware set on ``request.state``."""
+
+    def __init__(self, org: str = "org_id", user: str | None = "user_id") -> None:
+        self.org = org
+        self.user = user
+
+    def __call__(self, request: Any) -> Identity:
+        return self.from_scope(request.scope)
+
+    def from_scope(self, scope: Scope) -> Identity:
+        return self._subject(scope.get("state") or {})
+
+    def _subject(self, state: Mapping[str, Any]) -> Identity:
+        org = state.get(self.org)
+        if org is None:
+            return None
+        return Subject(org, None if self.user is None else state.get(self.user))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Meter ``amount`` of ``metric`` on requests whose path matches ``path``.
+
+    ``path`` uses Starlette's route syntax (``/contacts/{id}``, ``/files/{rest:path}``);
+    ``methods`` limits the rule to some methods (all when empty).
+    """
+
+    path: str
+    metric: str
+    amount: int = 1
+    methods: frozenset[str] = field(default_factory=frozenset)
+    pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "methods", frozenset(m.upper() for m in self.methods))
+        object.__setattr__(self, "pattern", compile_path(self.path)[0])
+
+    def matches(self, method: str, path: str) -> bool:
+        return (not self.methods or method in self.methods) and bool(self.pattern.match(path))
+
+
+class UsageGuardMiddleware:
+    """``app.add_middleware(UsageGuardMiddleware, guard=guard, identify=from_headers())``.
+
+    - ``guard``: a :class:`~usage_guard.UsageGuard` or its async twin (the async side is used).
+    - ``identify``: ``(request) -> Subject | None`` (sync or async); the helpers
+      :class:`from_headers` and :class:`from_state` read the raw scope instead.
+    - ``meter``: the metric counted per identified request (``None``: only rules meter).
+    - ``rules``: :class:`Rule` s adding a metric per route, counted in the same call.
+    - ``exclude``: paths never metered (``/health``; a trailing ``*`` matches a prefix).
+    - ``require_identity``: answer 401 instead of passing anonymous requests through.
+    - ``ratelimit_headers``: add ``RateLimit-Policy``/``RateLimit`` to admitted responses.
+    - ``rate_limits``: enforce the plans' short-window limits (default: when any plan has some).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        guard: AnyGuard,
+        identify: Identify,
+        meter: str | None = "api_calls",
+        amount: int = 1,
+        rules: Iterable[Rule] = (),
+        exclude: Iterable[str] = (),
+        require_identity: bool = False,
+        status_code: int = 429,
+        ratelimit_headers: bool = True,
+        rate_limits: bool | None = None,
+    ) -> None:
+        self.app = app
+        self.guard = guard
+        self.aguard = guard if isinstance(guard, AsyncUsageGuard) else guard.aio
+        self.catalog = self.aguard.catalog
+        self.clock = self.aguard.engine.clock
+        self.identify = identify
+        self._identify_scope: Callable[[Scope], Identity] | None = getattr(
+            identify, "from_scope", None
+        )
+        if meter is not None:
+            self.catalog[meter]
+        self.rules = tuple(rules)
+        for rule in self.rules:
+            self.catalog[rule.metric]
+        self.meter = meter
+        self.amount = amount
+        excluded = tuple(exclude)
+        self.exclude = frozenset(p for p in excluded if not p.endswith("*"))
+        self.exclude_prefixes = tuple(p[:-1] for p in excluded if p.endswith("*"))
+        self.require_identity = require_identity
+        self.status_code = status_code
+        self.ratelimit_headers = ratelimit_headers
+        limiter = RateLimits(guard, status_code=status_code)
+        wanted = limiter.configured if rate_limits is None else rate_limits
+        self.rate_limits = limiter if wanted else None
+        self._unauthorized = client_error(401, "Unauthorized", "This request needs an identity.")
+        self._invalid_identity = client_error(
+            400, "Bad Request", "The organization or user id of this request is not valid."
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if path in self.exclude or (
+            self.exclude_prefixes and path.startswith(self.exclude_prefixes)
+        ):
+            await self.app(scope, receive, send)
+            return
+        if self._identify_scope is not None:
+            who = self._identify_scope(scope)
+        else:
+            found = self.identify(Request(scope, receive))
+            who = await found if inspect.isawaitable(found) else found
+        if who is None:
+            if self.require_identity:
+                await _send_problem(self._unauthorized, send)
+                return
+            # Bound without a subject: a metered call then fails with a clear message.
+            token = bind(None, self.guard)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                unbind(token)
+            return
+        decision: Decision | None = None
+        try:
+            amounts = self._amounts(scope["method"], path)
+            if self.rate_limits is not None and amounts:
+                limited = await self.rate_limits.ahit(who.org, amounts)
+                if limited is not None:
+                    await _send_problem(limited, send)
+                    return
+            if amounts:
+                if len(amounts) == 1:
+                    [(metric, units)] = amounts.items()
+                    decision = await self.aguard.consume(who.org, metric, units, user=who.user)
+                else:
+                    decision = await self.aguard.consume(who.org, amounts, user=who.user)
+        except InvalidIdentifier:
+            await _send_problem(self._invalid_identity, send)
+            return
+        if decision is not None and not decision.allowed:
+            await _send_problem(self._denial(decision), send)
+            return
+        await self._call_app(scope, receive, send, who, decision)
+
+    def _amounts(self, method: str, path: str) -> dict[str, int]:
+        amounts = {} if self.meter is None else {self.meter: self.amount}
+        for rule in self.rules:
+            if rule.matches(method, path):
+                amounts[rule.metric] = amounts.get(rule.metric, 0) + rule.amount
+        return amounts
+
+    def _denial(self, decision: Decision) -> Problem:
+        return quota_exceeded(decision, self.catalog, self.clock(), status=self.status_code)
+
+    async def _call_app(
+        self, scope: Scope, receive: Receive, send: Send, who: Subject, decision: Decision | None
+    ) -> None:
+        extra: list[tuple[bytes, bytes]] = []
+        if self.ratelimit_headers and decision is not None and decision.quota is not None:
+            extra = [
+                (name.encode(), value.encode())
+                for name, value in policy_fields(decision, self.catalog, self.clock())
+            ]
+        started = False
+
+        async def send_with_fields(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                # A 429 answered inside the app already names the metric that denied.
+                if extra and message["status"] != self.status_code:
+                    message["headers"] = [*message.get("headers", ()), *extra]
+            await send(message)
+
+        token = bind(who, self.guard)
+        try:
+            await self.app(scope, receive, send_with_fields)
+        except UsageLimitExceeded as exceeded:
+            if started:
+                raise
+            await _send_problem(self._denial(exceeded.decision), send)
+        finally:
+            unbind(token)
+
+
+async def _send_problem(problem: Problem, send: Send) -> None:
+    headers = [(name.encode(), value.encode()) for name, value in problem.headers]
+    await send({"type": "http.response.start", "status": problem.status, "headers": headers})
+    await send({"type": "http.response.body", "body": problem.body})

@@ -1,0 +1,68 @@
+"""Who is consuming right now, and through which guard: what ``@metered`` reads.
+
+The middleware, the Flask extension and ``with subject(...)`` set it; it lives
+in a ContextVar so it follows asyncio tasks and Starlette's threadpool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar, Token
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
+
+from .subject import Subject
+
+if TYPE_CHECKING:
+    from .aio import AsyncUsageGuard
+    from .guard import UsageGuard
+
+AnyGuard = Union["UsageGuard", "AsyncUsageGuard"]
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    subject: Subject | None
+    guard: AnyGuard | None
+
+
+# Binding is frozen, so one shared default is safe.
+_UNBOUND = Binding(None, None)
+_binding: ContextVar[Binding] = ContextVar("usage_guard_binding", default=_UNBOUND)
+
+
+def current_subject() -> Subject | None:
+    """The org and user the current request or ``with subject(...)`` block acts for."""
+    return _binding.get().subject
+
+
+def current_guard() -> AnyGuard | None:
+    """The guard bound by the integration or ``with subject(..., guard=...)``."""
+    return _binding.get().guard
+
+
+def bind(who: Subject | None, guard: AnyGuard | None) -> Token[Binding]:
+    """Set the current subject and guard; undo with :func:`unbind`."""
+    return _binding.set(Binding(who, guard))
+
+
+def unbind(token: Token[Binding]) -> None:
+    _binding.reset(token)
+
+
+@contextmanager
+def subject(org: str, user: str | None = None, guard: AnyGuard | None = None) -> Iterator[Subject]:
+    """Act for ``org`` (and ``user``) inside the block, e.g. in a background job::
+
+        with usage_guard.subject("acme", user="alice", guard=guard):
+            summarize(text)        # a @metered function
+
+    Without ``guard`` the enclosing one (if any) stays bound.
+    """
+    who = Subject(org, user)
+    token = bind(who, guard if guard is not None else current_guard())
+    try:
+        yield who
+    finally:
+        unbind(token)

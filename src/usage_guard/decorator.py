@@ -1,0 +1,121 @@
+"""``@metered``: meter a function's calls against the guard and subject of the context.
+
+Built on wrapt so signatures, ``inspect.iscoroutinefunction`` and method binding
+survive (FastAPI's dependency injection keeps working). Async functions use the
+guard's async side, sync functions its sync side, whichever kind was bound.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import wrapt
+
+from .aio import AsyncUsageGuard
+from .context import AnyGuard, current_guard, current_subject
+from .errors import InvalidUsage, UsageGuardError
+from .guard import UsageGuard
+from .plans import check_value
+from .subject import Subject
+
+F = TypeVar("F", bound=Callable[..., Any])
+Amount = int | Callable[..., int]
+Cost = Callable[[Any], int]
+
+
+class NotBound(UsageGuardError, LookupError):
+    """A metered call ran with no guard or no subject in its context."""
+
+
+def metered(
+    metric: str, amount: Amount = 1, *, cost: Cost | None = None, guard: AnyGuard | None = None
+) -> Callable[[F], F]:
+    """Count ``amount`` of ``metric`` for the current subject before each call.
+
+    ``amount`` is an int or a callable given the call's own arguments (without
+    ``self``). With ``cost=callable(result)`` the amount is reserved before the
+    call and settled to ``cost(result)`` after it (an exception cancels the
+    reservation), so with the default amount of 1 the call runs if one more
+    unit fits and its real cost is recorded even past the cap. A denied call
+    raises :class:`~usage_guard.UsageLimitExceeded` without running.
+
+    The guard comes from ``guard=`` (``@guard.metered`` passes it and checks
+    the metric at once) or from the context; an unknown metric fails at the
+    first call otherwise.
+    """
+    if guard is not None:
+        guard.catalog[metric]
+    if not callable(amount):
+        check_value(amount)
+    if cost is not None and not callable(cost):
+        raise InvalidUsage("cost must be a callable of the result")
+
+    def sync_side() -> tuple[UsageGuard, Subject]:
+        bound, who = _bound(guard)
+        return (bound.sync if isinstance(bound, AsyncUsageGuard) else bound), who
+
+    def async_side() -> tuple[AsyncUsageGuard, Subject]:
+        bound, who = _bound(guard)
+        return (bound if isinstance(bound, AsyncUsageGuard) else bound.aio), who
+
+    def units(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+        return amount(*args, **kwargs) if callable(amount) else amount
+
+    def sync_wrapper(
+        wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        side, who = sync_side()
+        if cost is None:
+            side.consume(who.org, metric, units(args, kwargs), user=who.user).raise_for_status()
+            return wrapped(*args, **kwargs)
+        reservation = side.reserve(who.org, metric, units(args, kwargs), user=who.user)
+        reservation.decision.raise_for_status()
+        try:
+            result = wrapped(*args, **kwargs)
+        except BaseException:
+            reservation.cancel()
+            raise
+        reservation.settle(cost(result))
+        return result
+
+    async def async_wrapper(
+        wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        side, who = async_side()
+        if cost is None:
+            decision = await side.consume(who.org, metric, units(args, kwargs), user=who.user)
+            decision.raise_for_status()
+            return await wrapped(*args, **kwargs)
+        reservation = await side.reserve(who.org, metric, units(args, kwargs), user=who.user)
+        reservation.decision.raise_for_status()
+        try:
+            result = await wrapped(*args, **kwargs)
+        except BaseException:
+            await reservation.cancel()
+            raise
+        await reservation.settle(cost(result))
+        return result
+
+    def decorate(func: F) -> F:
+        wrapper = async_wrapper if inspect.iscoroutinefunction(func) else sync_wrapper
+        return cast(F, wrapt.FunctionWrapper(func, wrapper))
+
+    return decorate
+
+
+def _bound(explicit: AnyGuard | None) -> tuple[AnyGuard, Subject]:
+    bound = explicit if explicit is not None else current_guard()
+    if bound is None:
+        raise NotBound(
+            "no usage guard is bound: use UsageGuardMiddleware, the Flask extension, "
+            "@guard.metered(...) or `with usage_guard.subject(org, guard=guard)`"
+        )
+    who = current_subject()
+    if who is None:
+        raise NotBound(
+            "no subject is bound: the request was not identified; in scripts use "
+            "`with usage_guard.subject(org, user=...)`"
+        )
+    return bound, who

@@ -1,0 +1,140 @@
+"""Flask: ``UsageGuardFlask(app, guard=guard, identify=from_headers())`` or ``init_app``.
+
+Per identified request it counts ``api_calls`` (before the view, a denial
+never reaches it), binds the subject for ``@metered`` views, adds the
+``RateLimit`` fields to admitted responses and turns ``UsageLimitExceeded``
+into the same problem+json answer as the ASGI middleware. Flask is sync, so
+the guard's sync side is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextvars import Token
+from typing import Any
+
+from flask import Flask, Response, g, request
+
+from .aio import AsyncUsageGuard
+from .context import AnyGuard, Binding, bind, unbind
+from .decision import Decision
+from .errors import InvalidIdentifier, UsageLimitExceeded
+from .guard import UsageGuard
+from .problem import Problem, client_error, policy_fields, quota_exceeded
+from .ratelimit import RateLimits
+from .subject import Subject
+
+FlaskIdentify = Callable[[Any], Subject | None]
+EXTENSION = "usage_guard"
+
+
+class UsageGuardFlask:
+    """The Flask extension; ``app.extensions["usage_guard"]`` is the instance.
+
+    Options as for :class:`~usage_guard.UsageGuardMiddleware`: ``meter``,
+    ``amount``, ``exclude`` (paths, trailing ``*`` for a prefix),
+    ``require_identity``, ``status_code``, ``ratelimit_headers``, ``rate_limits``.
+    """
+
+    def __init__(
+        self,
+        app: Flask | None = None,
+        *,
+        guard: AnyGuard,
+        identify: FlaskIdentify,
+        meter: str | None = "api_calls",
+        amount: int = 1,
+        exclude: Iterable[str] = (),
+        require_identity: bool = False,
+        status_code: int = 429,
+        ratelimit_headers: bool = True,
+        rate_limits: bool | None = None,
+    ) -> None:
+        self.guard: UsageGuard = guard.sync if isinstance(guard, AsyncUsageGuard) else guard
+        self.identify = identify
+        if meter is not None:
+            self.guard.catalog[meter]
+        self.meter = meter
+        self.amount = amount
+        excluded = tuple(exclude)
+        self.exclude = frozenset(p for p in excluded if not p.endswith("*"))
+        self.exclude_prefixes = tuple(p[:-1] for p in excluded if p.endswith("*"))
+        self.require_identity = require_identity
+        self.status_code = status_code
+        self.ratelimit_headers = ratelimit_headers
+        limiter = RateLimits(self.guard, status_code=status_code)
+        wanted = limiter.configured if rate_limits is None else rate_limits
+        self.rate_limits = limiter if wanted else None
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        if app.extensions.get(EXTENSION) is self:
+            return
+        app.extensions[EXTENSION] = self
+        app.before_request(self._before)
+        app.after_request(self._after)
+        app.teardown_request(self._teardown)
+        app.register_error_handler(UsageLimitExceeded, self._exceeded)
+
+    def _before(self) -> Response | None:
+        path = request.path
+        if path in self.exclude or (
+            self.exclude_prefixes and path.startswith(self.exclude_prefixes)
+        ):
+            return None
+        who = self.identify(request)
+        if who is None:
+            if self.require_identity:
+                return _response(
+                    client_error(401, "Unauthorized", "This request needs an identity.")
+                )
+            return None
+        decision: Decision | None = None
+        try:
+            if self.meter is not None:
+                if self.rate_limits is not None:
+                    limited = self.rate_limits.hit(who.org, (self.meter,))
+                    if limited is not None:
+                        return _response(limited)
+                decision = self.guard.consume(who.org, self.meter, self.amount, user=who.user)
+        except InvalidIdentifier:
+            return _response(
+                client_error(400, "Bad Request", "The organization or user id is not valid.")
+            )
+        if decision is not None and not decision.allowed:
+            return _response(self._problem(decision))
+        g.usage_guard_decision = decision
+        g.usage_guard_token = bind(who, self.guard)
+        return None
+
+    def _after(self, response: Response) -> Response:
+        decision: Decision | None = g.get("usage_guard_decision")
+        # A 429 from a view already names the metric that denied.
+        if (
+            self.ratelimit_headers
+            and decision is not None
+            and decision.quota is not None
+            and "ratelimit" not in response.headers
+        ):
+            for name, value in policy_fields(
+                decision, self.guard.catalog, self.guard.engine.clock()
+            ):
+                response.headers[name] = value
+        return response
+
+    def _teardown(self, error: BaseException | None) -> None:
+        token: Token[Binding] | None = g.pop("usage_guard_token", None)
+        if token is not None:
+            unbind(token)
+
+    def _exceeded(self, error: UsageLimitExceeded) -> Response:
+        return _response(self._problem(error.decision))
+
+    def _problem(self, decision: Decision) -> Problem:
+        now = self.guard.engine.clock()
+        return quota_exceeded(decision, self.guard.catalog, now, status=self.status_code)
+
+
+def _response(problem: Problem) -> Response:
+    return Response(problem.body, status=problem.status, headers=problem.headers)

@@ -1,0 +1,163 @@
+"""The HTTP answer to a denied consumption, shared by every integration.
+
+An RFC 9457 ``application/problem+json`` body plus ``Retry-After`` and the
+``RateLimit-Policy`` / ``RateLimit`` fields of draft-ietf-httpapi-ratelimit-headers-10.
+Pure: the integrations only send what these functions build.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+
+from .catalog import Catalog, Metric
+from .decision import Decision
+from .periods import Period, iso_utc
+
+QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
+REDUCED_CAPACITY = "https://iana.org/assignments/http-problem-types#temporary-reduced-capacity"
+PROBLEM_JSON = "application/problem+json"
+#: Seconds a client should wait before retrying while the usage store is unreachable.
+OUTAGE_RETRY_AFTER = 5
+
+Headers = list[tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """A complete HTTP error answer: status, headers (content type included), body."""
+
+    status: int
+    headers: Headers
+    body: bytes
+
+
+def seconds_until(moment: datetime, now: datetime) -> int:
+    """Whole seconds from ``now`` to ``moment``, rounded up, never negative."""
+    return max(0, math.ceil((moment - now).total_seconds()))
+
+
+def policy_fields(decision: Decision, catalog: Catalog, now: datetime) -> Headers:
+    """``RateLimit-Policy`` and ``RateLimit`` for the decision's metric (none if unlimited).
+
+    ``q`` is the most the binding budget admits, ``w`` the real length of the
+    current month (absent for cumulative metrics), ``t`` the seconds until the
+    reset (rounded up); every metric but ``api_calls`` names its unit in ``ug-unit``.
+    """
+    if decision.quota is None:
+        return []
+    window, unit = _policy_parts(catalog[decision.metric], decision.resets_at)
+    name = f'"{decision.metric}"'
+    remaining = decision.remaining if decision.allowed and decision.remaining else 0
+    current = f"{name};r={remaining}"
+    if decision.resets_at is not None:
+        current += f";t={seconds_until(decision.resets_at, now)}"
+    policy = f"{name};q={decision.quota}{window}{unit}"
+    return [("ratelimit-policy", policy), ("ratelimit", current)]
+
+
+@lru_cache(maxsize=1024)
+def _policy_parts(metric: Metric, resets_at: datetime | None) -> tuple[str, str]:
+    """The ``;w=`` (the month's real length) and ``;ug-unit=`` parameters: the same for
+    every decision of a metric in a period, so built once (this is on every response)."""
+    window = "" if resets_at is None else f";w={Period.containing(resets_at).shift(-1).seconds}"
+    unit = f';ug-unit="{metric.unit}"' if metric.unit and metric.name != "api_calls" else ""
+    return window, unit
+
+
+def detail(decision: Decision, catalog: Catalog) -> str:
+    """The sentence a person reads: what ran out and what to do about it."""
+    label = catalog[decision.metric].label or decision.metric
+    limit = "unlimited" if decision.limit is None else f"{decision.limit:,}"
+    used = f"{decision.used:,} of {limit} used"
+    if decision.scope == "personal":
+        return (
+            f"You have reached your personal {label} budget ({used}). "
+            "Contact your admin to increase your allocation."
+        )
+    if decision.resets_at is None:
+        return (
+            f"Your organization has reached its {label} limit ({used}). "
+            "Free some up or ask an admin to upgrade the plan."
+        )
+    return (
+        f"Your organization has reached its {label} limit for this month ({used}). "
+        f"It resets at {iso_utc(decision.resets_at)}."
+    )
+
+
+def quota_exceeded(
+    decision: Decision, catalog: Catalog, now: datetime, *, status: int = 429
+) -> Problem:
+    """The 429 (or ``status``) answer to a denied decision; a 503 for an outage denial."""
+    if decision.scope == "unavailable":
+        return unavailable()
+    body = {
+        "type": QUOTA_EXCEEDED,
+        "title": "Usage limit exceeded",
+        "status": status,
+        "detail": detail(decision, catalog),
+        "violated-policies": [decision.metric],
+        "metric": decision.metric,
+        "scope": decision.scope,
+        "limit": decision.limit,
+        "used": decision.used,
+        "resets_at": None if decision.resets_at is None else iso_utc(decision.resets_at),
+    }
+    headers: Headers = [("content-type", PROBLEM_JSON)]
+    if decision.resets_at is not None:
+        headers.append(("retry-after", str(seconds_until(decision.resets_at, now))))
+    headers += policy_fields(decision, catalog, now)
+    return _problem(status, headers, body)
+
+
+def rate_limited(
+    metric: str, limit: int, window: int, retry_after: int, *, status: int = 429
+) -> Problem:
+    """The answer to a short-window rate limit (``limit`` per ``window`` seconds)."""
+    body = {
+        "type": QUOTA_EXCEEDED,
+        "title": "Rate limit exceeded",
+        "status": status,
+        "detail": f"Too many requests: at most {limit:,} per {window} s. Retry in {retry_after} s.",
+        "violated-policies": [metric],
+        "metric": metric,
+        "scope": "rate",
+        "limit": limit,
+        "used": limit,
+        "resets_at": None,
+    }
+    headers: Headers = [
+        ("content-type", PROBLEM_JSON),
+        ("retry-after", str(retry_after)),
+        ("ratelimit-policy", f'"{metric}";q={limit};w={window}'),
+        ("ratelimit", f'"{metric}";r=0;t={retry_after}'),
+    ]
+    return _problem(status, headers, body)
+
+
+def unavailable(retry_after: int = OUTAGE_RETRY_AFTER) -> Problem:
+    """503: the usage store could not be asked and the metric fails closed."""
+    body = {
+        "type": REDUCED_CAPACITY,
+        "title": "Usage metering temporarily unavailable",
+        "status": 503,
+        "detail": "Usage limits cannot be checked right now. Please retry shortly.",
+    }
+    headers = [("content-type", PROBLEM_JSON), ("retry-after", str(retry_after))]
+    return _problem(503, headers, body)
+
+
+def client_error(status: int, title: str, detail_text: str) -> Problem:
+    """A plain problem (``about:blank``): 401 without identity, 400 for an invalid one."""
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail_text}
+    return _problem(status, [("content-type", PROBLEM_JSON)], body)
+
+
+def _problem(status: int, headers: Headers, body: dict[str, object]) -> Problem:
+    encoded = json.dumps(body, separators=(",", ":")).encode()
+    headers.append(("content-length", str(len(encoded))))
+    return Problem(status, headers, encoded)

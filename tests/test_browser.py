@@ -1,0 +1,151 @@
+"""A real headless Chromium on the running demo (``usage-guard demo``): colours, charts, forms.
+
+Screenshots at desktop and phone width land in ``test-artifacts/`` (gitignored).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, sync_playwright
+
+from conftest import free_port, wait_for
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+USAGE_GUARD = shutil.which("usage-guard") or str(Path(sys.executable).parent / "usage-guard")
+CHROMIUM = "/usr/bin/chromium"
+COLOURS = {
+    "blue": "rgb(59, 130, 246)",
+    "yellow": "rgb(234, 179, 8)",
+    "orange": "rgb(249, 115, 22)",
+    "red": "rgb(239, 68, 68)",
+}
+
+
+@pytest.fixture(scope="module")
+def demo_url() -> Iterator[str]:
+    """``usage-guard demo`` in a subprocess; the URL it prints."""
+    port = free_port()
+    process = subprocess.Popen(
+        [USAGE_GUARD, "demo", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        printed = [process.stdout.readline() for _ in range(2)]
+        url = printed[1].removeprefix("Usage page:").strip()
+        assert url == f"http://127.0.0.1:{port}/settings/usage/", printed
+        wait_for(lambda: _up(url), timeout=30, what="the demo server")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        yield browser
+        browser.close()
+
+
+def fill_colour(page: Page, section: str, metric: str) -> str:
+    selector = f'section[aria-labelledby="{section}"] li[data-metric="{metric}"] .fill'
+    return str(page.eval_on_selector(selector, "e => getComputedStyle(e).backgroundColor"))
+
+
+def test_demo_page_in_chromium_desktop(browser: Browser, demo_url: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    response = page.goto(demo_url)
+    assert response is not None and response.status == 200
+    assert page.title() == "Usage · acme"
+    assert [text.strip() for text in page.locator("h2").all_text_contents()][:4] == [
+        "Plan overview",
+        "Organization usage",
+        "My Usage",
+        "Usage history",
+    ]
+    # The seeded meters show every colour, as painted by the browser.
+    assert fill_colour(page, "org-heading", "users") == COLOURS["blue"]
+    assert fill_colour(page, "org-heading", "ai_tokens") == COLOURS["yellow"]
+    assert fill_colour(page, "org-heading", "emails") == COLOURS["orange"]
+    assert fill_colour(page, "org-heading", "enrichments") == COLOURS["red"]
+    assert fill_colour(page, "org-heading", "contacts") == COLOURS["red"]  # soft cap, 104 %
+    assert fill_colour(page, "mine-heading", "ai_tokens") == COLOURS["yellow"]
+
+    bar = page.locator('[role="progressbar"][aria-labelledby="label-ai_tokens"]')
+    assert bar.get_attribute("aria-valuenow") == "85.0"
+    assert page.locator('[role="progressbar"]').count() == 12  # 11 limited meters + 1 budget
+    # Four 6-month area charts, drawn with a real size, and a sparkline beside each meter.
+    charts = page.locator("svg.area-chart")
+    assert charts.count() == 4
+    for index in range(4):
+        box = charts.nth(index).bounding_box()
+        assert box is not None and box["width"] > 300 and box["height"] > 100
+    assert page.locator("li.meter svg.spark").count() == 12
+    assert (
+        page.locator(".x-labels").first.inner_text().split()
+        == page.locator(".x-labels").last.inner_text().split()
+    )
+    page.screenshot(path=str(ARTIFACTS / "usage-desktop.png"), full_page=True)
+    page.close()
+
+
+def test_demo_page_in_chromium_phone(browser: Browser, demo_url: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
+    page.goto(demo_url)
+    # Nothing wider than the phone: no sideways scrolling.
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    assert fill_colour(page, "org-heading", "enrichments") == COLOURS["red"]
+    box = page.locator("svg.area-chart").first.bounding_box()
+    assert box is not None and 300 < box["width"] <= 390
+    page.screenshot(path=str(ARTIFACTS / "usage-phone.png"), full_page=True)
+    page.close()
+
+
+def test_admin_form_works_without_javascript(browser: Browser, demo_url: str) -> None:
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    page.goto(demo_url)
+    page.fill("#budget-user", "dora")
+    page.select_option("#budget-metric", "enrichments")
+    page.fill("#budget-value", "1500")
+    page.click("text=Save budget")
+    page.wait_for_load_state()
+    assert page.url == demo_url
+    report = httpx.get(
+        demo_url + "report.json", headers={"x-org-id": "acme", "x-user-id": "dora"}
+    ).json()
+    assert report["personal"]["meters"][1] == {
+        "metric": "enrichments",
+        "used": 0,
+        "budget": 1500,
+        "shared_pool": False,
+        "percent": 0.0,
+        "status": "blue",
+    }
+    context.close()

@@ -1,0 +1,289 @@
+"""usage_app over HTTP: JSON and HTML, admin endpoints, isolation, bad input. Per backend."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.testclient import TestClient
+
+from usage_guard import Plan, Subject, UsageGuard, usage_app
+
+MakeGuard = Callable[..., UsageGuard]
+
+PLANS = {
+    "free": Plan("free", {"emails": 100, "ai_tokens": 10_000}),
+    "pro": Plan(
+        "pro",
+        {
+            "emails": 20_000,
+            "ai_tokens": 1_000_000,
+            "contacts": 10_000,
+            "storage": 10_000_000_000,
+            "enrichments": 2_000,
+        },
+    ),
+}
+ALICE = {"x-org-id": "acme", "x-user-id": "alice"}
+ADMIN = {**ALICE, "x-admin": "1"}
+HTML = {"accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+PROBLEM = "application/problem+json"
+
+
+def identify(request: Request) -> Subject | None:
+    org = request.headers.get("x-org-id")
+    return Subject(org, request.headers.get("x-user-id")) if org else None
+
+
+async def is_admin(request: Request, subject: Subject) -> bool:
+    return request.headers.get("x-admin") == "1"
+
+
+def mounted(guard: Any) -> Starlette:
+    app = Starlette()
+    app.mount("/settings/usage", usage_app(guard, identify=identify, is_admin=is_admin))
+    return app
+
+
+@pytest.fixture
+def guard(make_guard: MakeGuard) -> UsageGuard:
+    guard = make_guard(plans=PLANS, default_plan="free")
+    guard.assign_plan("acme", "pro")
+    guard.consume("acme", "ai_tokens", 850_000, user="alice").raise_for_status()
+    guard.consume("acme", "emails", 18_500).raise_for_status()
+    guard.set_usage("acme", "storage", 3_400_000_000)
+    guard.set_usage("acme", "contacts", 10_420)
+    guard.consume("acme", "enrichments", 2_000).raise_for_status()
+    guard.consume("beta", "emails", 7).raise_for_status()
+    return guard
+
+
+@pytest.fixture
+def client(guard: UsageGuard, serve: Callable[..., TestClient]) -> TestClient:
+    return serve(mounted(guard.aio), guard)
+
+
+def test_json_by_default_and_by_path(client: TestClient, guard: UsageGuard) -> None:
+    expected = guard.report("acme", user="alice").to_dict()
+    for path, accept in [
+        ("/settings/usage/", "application/json"),
+        ("/settings/usage/", "*/*"),
+        ("/settings/usage/report.json", "text/html"),
+    ]:
+        response = client.get(path, headers={**ALICE, "accept": accept})
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/json"
+        assert response.json() == expected
+    assert expected["personal"]["user"] == "alice"
+    assert expected["plan"]["name"] == "pro"
+
+
+def test_html_page_shows_the_four_sections(client: TestClient) -> None:
+    response = client.get("/settings/usage/", headers={**ALICE, **HTML})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert response.headers["vary"] == "Accept"
+    page = response.text
+    for text in ["Pro plan", "Organization usage", "My Usage", "Usage history"]:
+        assert text in page
+    for heading in ["Core Limits", "Monthly Activity", "Data Operations"]:
+        assert f">{heading}</h3>" in page
+    # ai_tokens at 85 %: a yellow bar with its value for assistive technology.
+    assert re.search(
+        r'data-metric="ai_tokens" data-status="yellow".*?role="progressbar" '
+        r'aria-labelledby="label-ai_tokens"\s+aria-valuenow="85.0"',
+        page,
+        re.S,
+    )
+    assert 'data-metric="enrichments" data-status="red"' in page
+    assert 'data-metric="emails" data-status="orange"' in page
+    # Numbers for people.
+    assert "850 K" in page and "of 1 M tokens" in page
+    assert "3.4 GB" in page and "of 10 GB" in page
+    assert "Shared organization pool" in page
+    # Sparklines and the four charted metrics, as inline SVG; no script, nothing external.
+    assert page.count('class="spark"') >= 5
+    assert page.count('<figure class="card chart"') == 4
+    assert "<script" not in page and "https://" not in page
+    # Viewers get no admin forms.
+    assert "<form" not in page
+
+
+def test_admin_page_has_forms_posting_under_the_mount(client: TestClient) -> None:
+    page = client.get("/settings/usage/", headers={**ADMIN, **HTML}).text
+    for action in ("/plan", "/limits", "/budgets"):
+        assert f'action="/settings/usage{action}"' in page
+    assert '<label for="budget-user">' in page
+
+
+def test_unidentified_callers_get_401(client: TestClient) -> None:
+    response = client.get("/settings/usage/")
+    assert response.status_code == 401
+    assert response.headers["content-type"] == PROBLEM
+    assert response.json()["status"] == 401
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("PUT", "/plan", {"plan": "free"}),
+        ("POST", "/plan", {"plan": "free"}),
+        ("PUT", "/limits/emails", {"limit": 1}),
+        ("DELETE", "/limits/emails", None),
+        ("PUT", "/budgets/alice/ai_tokens", {"budget": 1}),
+        ("DELETE", "/budgets/alice/ai_tokens", None),
+        ("POST", "/budgets", {"user": "alice", "metric": "ai_tokens", "budget": 1}),
+    ],
+)
+def test_admin_endpoints_refuse_non_admins(
+    client: TestClient, guard: UsageGuard, method: str, path: str, body: Any
+) -> None:
+    before = guard.report("acme", user="alice").to_dict()
+    response = client.request(method, "/settings/usage" + path, headers=ALICE, json=body)
+    assert response.status_code == 403
+    assert response.headers["content-type"] == PROBLEM
+    assert response.json()["title"] == "Forbidden"
+    assert guard.report("acme", user="alice").to_dict() == before
+
+
+def test_admin_sets_and_removes_a_budget(client: TestClient, guard: UsageGuard) -> None:
+    put = client.put("/settings/usage/budgets/bob/ai_tokens", headers=ADMIN, json={"budget": 5_000})
+    assert (put.status_code, put.json()) == (
+        200,
+        {"user": "bob", "metric": "ai_tokens", "budget": 5_000},
+    )
+    mine = guard.report("acme", user="bob").to_dict()["personal"]["meters"][0]
+    assert (mine["budget"], mine["shared_pool"]) == (5_000, False)
+    assert client.delete("/settings/usage/budgets/bob/ai_tokens", headers=ADMIN).status_code == 204
+    mine = guard.report("acme", user="bob").to_dict()["personal"]["meters"][0]
+    assert (mine["budget"], mine["shared_pool"]) == (None, True)
+
+
+def test_admin_assigns_plans_and_overrides_limits(client: TestClient, guard: UsageGuard) -> None:
+    assert (
+        client.put("/settings/usage/plan", headers=ADMIN, json={"plan": "free"}).status_code == 200
+    )
+    assert guard.report("acme").to_dict()["plan"]["name"] == "free"
+
+    response = client.put("/settings/usage/limits/emails", headers=ADMIN, json={"limit": None})
+    assert response.json() == {"metric": "emails", "limit": None}
+    assert guard.report("acme").meter("emails").limit is None
+    client.put("/settings/usage/limits/emails", headers=ADMIN, json={"limit": 50_000})
+    assert guard.report("acme").meter("emails").limit == 50_000
+    assert client.delete("/settings/usage/limits/emails", headers=ADMIN).status_code == 204
+    assert guard.report("acme").meter("emails").limit == 100  # the free plan's again
+
+
+def test_html_forms_redirect_back_to_the_page(client: TestClient, guard: UsageGuard) -> None:
+    form = {"user": "carol", "metric": "enrichments", "budget": "1,500"}
+    response = client.post(
+        "/settings/usage/budgets", headers=ADMIN, data=form, follow_redirects=False
+    )
+    assert (response.status_code, response.headers["location"]) == (303, "/settings/usage/")
+    assert guard.report("acme", user="carol").personal.meters[1].budget == 1_500  # type: ignore[union-attr]
+
+    client.post("/settings/usage/limits", headers=ADMIN, data={"metric": "emails", "limit": "7"})
+    assert guard.report("acme").meter("emails").limit == 7
+    client.post(
+        "/settings/usage/limits", headers=ADMIN, data={"metric": "emails", "action": "remove"}
+    )
+    assert guard.report("acme").meter("emails").limit == 20_000
+    client.post("/settings/usage/plan", headers=ADMIN, data={"plan": ""})
+    assert guard.report("acme").plan == "free"  # the default plan
+
+
+def test_forms_submitted_by_another_site_are_refused(client: TestClient, guard: UsageGuard) -> None:
+    form = {"metric": "emails", "limit": "0"}
+    for foreign in ({"origin": "https://evil.example"}, {"sec-fetch-site": "cross-site"}):
+        refused = client.post("/settings/usage/limits", headers={**ADMIN, **foreign}, data=form)
+        assert refused.status_code == 403
+        assert refused.headers["content-type"] == "application/problem+json"
+    same_site = {"origin": "http://testserver", "sec-fetch-site": "same-origin"}
+    client.post("/settings/usage/limits", headers={**ADMIN, **same_site}, data=form)
+    assert guard.report("acme").meter("emails").limit == 0
+
+
+def test_callers_only_ever_see_and_change_their_own_org(
+    client: TestClient, guard: UsageGuard
+) -> None:
+    beta_admin = {"x-org-id": "beta", "x-user-id": "mallory", "x-admin": "1"}
+    acme_before = guard.report("acme", user="alice").to_dict()
+
+    seen = client.get("/settings/usage/?org=acme", headers=beta_admin).json()
+    assert seen["organization"] == "beta"
+    assert [m["used"] for m in seen["meters"] if m["metric"] == "emails"] == [7]
+
+    client.put("/settings/usage/budgets/alice/ai_tokens", headers=beta_admin, json={"budget": 1})
+    client.put("/settings/usage/plan", headers=beta_admin, json={"plan": "free"})
+    client.put("/settings/usage/limits/emails", headers=beta_admin, json={"limit": 0})
+    assert guard.report("acme", user="alice").to_dict() == acme_before
+    beta = guard.report("beta", user="alice")
+    assert beta.meter("emails").limit == 0
+    assert beta.personal is not None and beta.personal.meters[0].budget == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status"),
+    [
+        ("PUT", "/budgets/alice/ai_tokens", {"content": b"{not json"}, 400),
+        ("PUT", "/budgets/alice/ai_tokens", {"content": b"\xff\xfe"}, 400),
+        ("PUT", "/budgets/alice/ai_tokens", {"json": [1, 2]}, 400),
+        ("PUT", "/budgets/alice/ai_tokens", {"json": {}}, 422),
+        ("PUT", "/budgets/alice/ai_tokens", {"json": {"budget": "abc"}}, 422),
+        ("PUT", "/budgets/alice/ai_tokens", {"json": {"budget": -1}}, 422),
+        ("PUT", "/budgets/alice/ai_tokens", {"json": {"budget": True}}, 422),
+        ("PUT", "/budgets/alice/ai_tokens", {"json": {"budget": 1.5}}, 422),
+        ("PUT", "/budgets/alice/ai_tokens", {"json": {"budget": 2**53}}, 422),
+        ("PUT", "/budgets/alice/ai_tokens", {"json": {"budget": "\u00b2"}}, 422),
+        ("PUT", "/budgets/alice/ai_tokens", {"content": b"[" * 100_000}, 400),
+        ("PUT", "/budgets/alice/ai_tokens", {"content": b'{"budget": 1' + b"0" * 5000 + b"}"}, 400),
+        ("PUT", "/budgets/alice/emails", {"json": {"budget": 5}}, 422),
+        ("PUT", "/budgets/alice/nope", {"json": {"budget": 5}}, 422),
+        ("PUT", "/budgets/" + "u" * 300 + "/ai_tokens", {"json": {"budget": 5}}, 422),
+        ("POST", "/budgets", {"data": {"metric": "ai_tokens", "budget": "5"}}, 422),
+        ("POST", "/budgets", {"data": {"user": "a", "metric": "ai_tokens", "budget": "x"}}, 422),
+        ("PUT", "/plan", {"json": {"plan": "platinum"}}, 422),
+        ("PUT", "/plan", {"json": {"plan": 3}}, 422),
+        ("PUT", "/limits/nope", {"json": {"limit": 5}}, 422),
+        ("PUT", "/limits/emails", {"json": {"limit": "lots"}}, 422),
+        ("PUT", "/limits/emails", {"json": {}}, 422),
+        ("POST", "/limits", {"data": {"limit": "5"}}, 422),
+        ("DELETE", "/limits/nope", {}, 422),
+    ],
+)
+def test_bad_input_is_a_problem_never_a_500(
+    client: TestClient, method: str, path: str, kwargs: dict[str, Any], status: int
+) -> None:
+    response = client.request(method, "/settings/usage" + path, headers=ADMIN, **kwargs)
+    assert response.status_code == status
+    assert response.headers["content-type"] == PROBLEM
+    problem = response.json()
+    assert problem["status"] == status and problem["detail"]
+
+
+def test_bad_identity_is_a_422(client: TestClient) -> None:
+    response = client.get("/settings/usage/", headers={"x-org-id": "o" * 300})
+    assert (response.status_code, response.headers["content-type"]) == (422, PROBLEM)
+
+
+def test_sync_guard_and_plain_callables_work(
+    guard: UsageGuard, serve: Callable[..., TestClient]
+) -> None:
+    app = Starlette()
+    app.mount("/u", usage_app(guard, identify=lambda request: Subject("beta")))
+    client = serve(app, guard)
+    report = client.get("/u/").json()
+    assert (report["organization"], report["personal"]) == ("beta", None)
+    # No is_admin given: nobody is an admin.
+    assert client.put("/u/plan", json={"plan": "pro"}).status_code == 403
+
+
+def test_unreachable_redis_is_a_503(serve: Callable[..., TestClient]) -> None:
+    guard = UsageGuard.from_url("redis://127.0.0.1:1/0", timeout=0.2)
+    response = serve(mounted(guard), guard).get("/settings/usage/", headers=ALICE)
+    assert (response.status_code, response.headers["content-type"]) == (503, PROBLEM)
+    guard.close()

@@ -1,0 +1,121 @@
+"""The Flask example app: every route in-process, and under gunicorn -w 3 on real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from examples.flask_app.app import PLANS, create_app
+from flask.testing import FlaskClient
+
+from conftest import REDIS_URL, delete_prefix, free_port, wait_for
+from usage_guard import UsageGuard
+
+ROOT = Path(__file__).resolve().parent.parent
+ALICE = {"x-org-id": "acme", "x-user-id": "alice"}
+
+
+@pytest.fixture
+def guard(make_guard: Callable[..., UsageGuard]) -> UsageGuard:
+    return make_guard(plans=PLANS, default_plan="free")
+
+
+@pytest.fixture
+def client(guard: UsageGuard) -> FlaskClient:
+    return create_app(guard).test_client()
+
+
+def test_ai_completion_reserve_then_settle_and_cancel(
+    client: FlaskClient, guard: UsageGuard
+) -> None:
+    response = client.post(
+        "/v1/ai/complete", json={"prompt": "write a haiku", "max_tokens": 500}, headers=ALICE
+    )
+    assert response.json == {"text": "haiku a write", "tokens": 6}
+    assert client.post("/v1/ai/complete", json={"prompt": ""}, headers=ALICE).status_code == 422
+    usage = guard.usage("acme", "alice")
+    assert usage.meters["ai_tokens"].used == 6 and usage.personal["ai_tokens"].used == 6
+
+
+def test_personal_budget_429_while_the_org_has_room(client: FlaskClient, guard: UsageGuard) -> None:
+    guard.set_budget("acme", "alice", "ai_tokens", 100)
+    denied = client.post("/v1/ai/complete", json={"prompt": "hi", "max_tokens": 200}, headers=ALICE)
+    assert denied.status_code == 429 and denied.json is not None
+    assert denied.json["scope"] == "personal"
+    assert "Contact your admin to increase your allocation" in denied.json["detail"]
+    bob = {"x-org-id": "acme", "x-user-id": "bob"}
+    assert client.post("/v1/ai/complete", json={"prompt": "hi"}, headers=bob).status_code == 200
+
+
+def test_emails_imports_and_contacts(client: FlaskClient, guard: UsageGuard) -> None:
+    guard.set_limit("acme", "emails", 1)
+    email = {"to": "bob@example.com", "subject": "Hi"}
+    assert [client.post("/v1/emails", json=email, headers=ALICE).status_code for _ in "ab"] == [
+        200,
+        429,
+    ]
+    rows = "name,email\na,a@x\nb,b@x\n"
+    assert client.post("/v1/imports", data=rows, headers=ALICE).json == {"imported": 2}
+    guard.set_limit("acme", "contacts", 2)  # soft cap: 110 % of 2 admits 2
+    denied = client.post("/v1/imports", data=rows, headers=ALICE)
+    assert denied.status_code == 429 and denied.json is not None
+    assert denied.json["metric"] == "contacts" and "retry-after" not in denied.headers
+    assert guard.usage("acme").meters["import_rows"].used == 2  # all or nothing
+    guard.remove_limit("acme", "contacts")
+    created = client.post("/v1/contacts", json={"name": "c", "email": "c@x"}, headers=ALICE)
+    assert created.status_code == 201 and created.json is not None
+    assert guard.usage("acme").meters["contacts"].used == 3
+    assert client.delete(f"/v1/contacts/{created.json['id']}", headers=ALICE).status_code == 204
+    assert guard.usage("acme").meters["contacts"].used == 2
+
+
+def test_health_is_not_metered(client: FlaskClient, guard: UsageGuard) -> None:
+    assert client.get("/health", headers=ALICE).status_code == 200
+    assert guard.usage("acme").meters["api_calls"].used == 0
+
+
+@pytest.mark.real_redis
+def test_gunicorn_three_workers_hold_the_hard_cap_exactly_on_real_redis() -> None:
+    prefix = f"ugx{uuid.uuid4().hex[:10]}"
+    guard = UsageGuard.from_url(REDIS_URL, prefix=prefix, plans=PLANS, default_plan="free")
+    guard.set_limit("race", "emails", 25)
+    port = free_port()
+    env = {**os.environ, "USAGE_GUARD_URL": REDIS_URL, "USAGE_GUARD_PREFIX": prefix}
+    command = [sys.executable, "-m", "gunicorn", "-w", "3", "--threads", "4"]
+    command += ["-b", f"127.0.0.1:{port}", "--log-level", "warning", "examples.flask_app.app:app"]
+    server = subprocess.Popen(command, cwd=ROOT, env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: healthy(f"{base}/health"), 30, "gunicorn")
+        codes = asyncio.run(hammer(f"{base}/v1/emails", 80))
+        assert sorted(codes) == [200] * 25 + [429] * 55
+        assert guard.usage("race").meters["emails"].used == 25
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
+        guard.close()
+        delete_prefix(REDIS_URL, prefix)
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def hammer(url: str, requests: int) -> list[int]:
+    headers = {"x-org-id": "race", "x-user-id": "u1"}
+    email = {"to": "x@example.com", "subject": "race"}
+    async with httpx.AsyncClient(timeout=30) as http:
+        responses = await asyncio.gather(
+            *(http.post(url, json=email, headers=headers) for _ in range(requests))
+        )
+    return [response.status_code for response in responses]

@@ -1,0 +1,81 @@
+"""Short-window plan rate limits (limits library, moving window) in the middleware and Flask."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from flask import Flask
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from usage_guard import Plan, UsageGuard, UsageGuardMiddleware
+from usage_guard.asgi import from_headers
+from usage_guard.flask import UsageGuardFlask
+from usage_guard.ratelimit import RateLimits
+
+PLANS = {
+    "free": Plan("free", {"api_calls": 1000}, rate_limits={"api_calls": "3/minute"}),
+    "pro": Plan("pro", {"api_calls": 1000}),
+}
+ACME = {"x-org-id": "acme"}
+
+
+@pytest.fixture
+def guard(make_guard: Callable[..., UsageGuard]) -> UsageGuard:
+    return make_guard(plans=PLANS, default_plan="free")
+
+
+def asgi_app(guard: UsageGuard) -> UsageGuardMiddleware:
+    async def index(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    return UsageGuardMiddleware(
+        Starlette(routes=[Route("/", index)]), guard=guard, identify=from_headers()
+    )
+
+
+def test_middleware_answers_429_with_retry_after_past_the_rate(guard: UsageGuard) -> None:
+    app = asgi_app(guard)
+    assert app.rate_limits is not None
+    with TestClient(app) as client:
+        assert [client.get("/", headers=ACME).status_code for _ in range(3)] == [200] * 3
+        limited = client.get("/", headers=ACME)
+        other_org = client.get("/", headers={"x-org-id": "globex"})
+        assert client.portal is not None
+        client.portal.call(guard.aio.aclose)
+        client.portal.call(app.rate_limits.aclose)
+    assert limited.status_code == 429
+    assert 1 <= int(limited.headers["retry-after"]) <= 60
+    assert limited.headers["ratelimit-policy"] == '"api_calls";q=3;w=60'
+    body = limited.json()
+    assert (body["metric"], body["scope"], body["limit"]) == ("api_calls", "rate", 3)
+    assert other_org.status_code == 200
+    # A rate-limited request counts nothing against the monthly quota.
+    assert guard.usage("acme").meters["api_calls"].used == 3
+
+
+def test_flask_extension_enforces_the_plan_rate_and_plans_without_one_are_free(
+    guard: UsageGuard,
+) -> None:
+    app = Flask(__name__)
+    extension = UsageGuardFlask(app, guard=guard, identify=from_headers())
+    app.get("/")(lambda: "ok")
+    client = app.test_client()
+    assert [client.get("/", headers=ACME).status_code for _ in range(4)] == [200] * 3 + [429]
+    guard.assign_plan("initech", "pro")
+    initech = {"x-org-id": "initech"}
+    assert {client.get("/", headers=initech).status_code for _ in range(5)} == {200}
+    assert extension.rate_limits is not None
+    extension.rate_limits.close()
+
+
+def test_rate_limits_are_off_when_no_plan_declares_any(
+    make_guard: Callable[..., UsageGuard],
+) -> None:
+    plain = make_guard(plans={"free": Plan("free", {})}, default_plan="free")
+    assert not RateLimits(plain).configured
+    assert asgi_app(plain).rate_limits is None
