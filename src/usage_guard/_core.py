@@ -88,18 +88,13 @@ class Engine:
         self.outage = False
         self._warned_plans: set[tuple[str, str]] = set()
         self._period_cache: tuple[Period, float, float, float] | None = None
-        names = self.plans.names
-        default = 0 if default_plan is None else names.index(default_plan) + 1
-        self._plan_args: list[str | int] = [history_months, len(names), default, *names]
-        # Per metric, the static tail of its argument block: monthly, percent, plan limits.
-        self._metric_args: dict[str, tuple[str | int, ...]] = {
-            m.name: (
-                1 if m.monthly else 0,
-                catalog.percent_admitted(m),
-                *(
-                    "" if (lim := p.limit(m.name)) is None else str(lim)
-                    for p in self.plans.by_name.values()
-                ),
+        self._default_plan = default_plan or ""
+        # Per metric, the spec the scripts read its cap, reset and every plan's limit from.
+        self._specs = {
+            m.name: f"{1 if m.monthly else 0}:{catalog.percent_admitted(m)}:{history_months}\n"
+            + "".join(
+                f"{plan.name}={'' if (lim := plan.limit(m.name)) is None else lim}\n"
+                for plan in self.plans.by_name.values()
             )
             for m in catalog
         }
@@ -150,13 +145,12 @@ class Engine:
         period: Period,
         ttl: int,
         mode: str,
-        flags: str = "",
         extra_key: str | None = None,
     ) -> tuple[list[str], list[str | int]]:
         user_id = "" if user is None else encode_id(user)
         pkey = period.key
         keys = [space.org, space.budgets, space.thresholds(pkey)]
-        args: list[str | int] = [pkey, ttl, *self._plan_args, mode, user_id, flags]
+        args: list[str | int] = [pkey, ttl, self._default_plan, mode, user_id]
         for metric, amount in items:
             personal = metric.personal and user is not None
             if metric.monthly:
@@ -165,7 +159,7 @@ class Engine:
                 keys += (counter, other)
             else:
                 keys += (space.gauge(metric.name), space.history(metric.name))
-            args += (metric.name, amount, 1 if personal else 0, *self._metric_args[metric.name])
+            args += (metric.name, amount, 1 if personal else 0, self._specs[metric.name])
         if extra_key is not None:
             keys.append(extra_key)
         return keys, args
@@ -183,11 +177,10 @@ class Engine:
         items = self.amounts(metric, amount)
         period, ttl = self.now()
         space = KeySpace(self.prefix, org)
-        flags, extra = "", None
+        mode, extra = ("check" if check else "consume"), None
         if idempotency_key is not None and not check:
-            flags, extra = "i", space.idempotency(idempotency_key)
-        mode = "check" if check else "consume"
-        keys, args = self._script_args(space, user, items, period, ttl, mode, flags, extra)
+            mode, extra = "idempotent", space.idempotency(idempotency_key)
+        keys, args = self._script_args(space, user, items, period, ttl, mode, extra)
         return Call(
             "consume",
             keys,
@@ -204,7 +197,7 @@ class Engine:
         space = KeySpace(self.prefix, org)
         ticket = Ticket(uuid.uuid4().hex, org, user, period, {m.name: a for m, a in items})
         keys, args = self._script_args(
-            space, user, items, period, ttl, "reserve", "r", space.reservation(ticket.id)
+            space, user, items, period, ttl, "reserve", space.reservation(ticket.id)
         )
         call = Call(
             "consume",
@@ -239,7 +232,6 @@ class Engine:
             period,
             self.ttl(period),
             mode,
-            "r",
             space.reservation(ticket.id),
         )
         return Call("adjust", keys, args, lambda reply: self._adjusted(ticket.org, period, reply))

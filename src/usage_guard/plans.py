@@ -49,6 +49,9 @@ class Plan:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise InvalidUsage("a plan needs a non-empty name")
+        if "=" in self.name or not self.name.isprintable():
+            # The scripts receive plans as "<name>=<limit>" lines.
+            raise InvalidUsage(f"plan name {self.name!r}: no '=' or control characters")
         for metric, limit in self.limits.items():
             check_limit(limit, f"plan {self.name}: limit of {metric}")
         object.__setattr__(self, "limits", MappingProxyType(dict(self.limits)))

@@ -3,29 +3,31 @@
 -- Common arguments:
 --   KEYS[1] org hash, KEYS[2] budgets hash, KEYS[3] thresholds hash of the period,
 --   then two keys per metric (monthly: org counter, personal counter or the
---   counter again; cumulative: gauge, history hash), then the script's extras.
---   ARGV[1] period (YYYY-MM), ARGV[2] TTL of that period's keys (s),
---   ARGV[3] months of cumulative history kept, ARGV[4] number of plans N,
---   ARGV[5] index of the default plan (0: none), ARGV[6..5+N] plan names,
---   ARGV[6+N] mode, ARGV[7+N] user id ('' for none), ARGV[8+N] flags,
---   then one block of 5+N per metric: name, amount, personal (1/0: counted for USER),
---   monthly (1/0), percent of the limit admitted, the N plans' limits ('' = none).
+--   counter again; cumulative: gauge, history hash), then the script's extra key.
+--   ARGV[1] period (YYYY-MM), ARGV[2] TTL of that period's keys (s), ARGV[3] the
+--   default plan ('' for none), ARGV[4] mode, ARGV[5] user id ('' for none), then
+--   four per metric: name, amount, personal (1/0: counted for USER) and its spec,
+--   "<monthly 1/0>:<percent of the limit admitted>:<months of history kept>\n"
+--   followed by "<plan>=<limit>\n" for every configured plan ('' = unlimited).
+--   Few arguments on purpose: clients pack every one of them on every call.
 -- Lua numbers are doubles: every value stays within 0..2^53-1 (MAX), and
 -- limits are scaled from their decimal strings so the arithmetic stays exact.
 
 local MAX = 9007199254740991
 local PERIOD = ARGV[1]
 local TTL = tonumber(ARGV[2])
-local KEEP = tonumber(ARGV[3])
-local NPLANS = tonumber(ARGV[4])
-local DEFAULT_PLAN = tonumber(ARGV[5])
-local MODE = ARGV[6 + NPLANS]
-local USER = ARGV[7 + NPLANS]
-local FLAGS = ARGV[8 + NPLANS]
-local FIRST_BLOCK = 9 + NPLANS
-local BLOCK = 5 + NPLANS
-local NMETRICS = math.floor((#ARGV - FIRST_BLOCK + 1) / BLOCK)
+local DEFAULT_PLAN = ARGV[3]
+local MODE = ARGV[4]
+local USER = ARGV[5]
+local NMETRICS = (#ARGV - 5) / 4
 local EXTRA_KEY = 4 + 2 * NMETRICS
+-- 'i': the extra key remembers an idempotent consumption; 'r': it is a reservation.
+local FLAGS = ''
+if MODE == 'idempotent' then
+  FLAGS = 'i'
+elseif MODE == 'reserve' or MODE == 'settle' or MODE == 'cancel' then
+  FLAGS = 'r'
+end
 
 -- floor(limit * percent / 100) (ceil when round_up) for a decimal string limit, clamped to MAX.
 local function scaled(limit, percent, round_up)
@@ -45,44 +47,53 @@ local function scaled(limit, percent, round_up)
   return value
 end
 
+-- A plan's limit in a metric's spec: the digits after "\n<plan>=" ('' = unlimited),
+-- nil when the plan is not configured.
+local function plan_limit(spec, plan)
+  local at = string.find(spec, '\n' .. plan .. '=', 1, true)
+  if not at then
+    return nil
+  end
+  local from = at + #plan + 2
+  return string.sub(spec, from, string.find(spec, '\n', from, true) - 1)
+end
+
 -- The metrics of the call, with their org limit resolved: override, else plan, else none.
 -- Returns the metrics and the name of an assigned plan that is not configured ('' if none).
 local function load_metrics()
   local fields = {'plan'}
   for i = 1, NMETRICS do
-    fields[i + 1] = 'limit:' .. ARGV[FIRST_BLOCK + (i - 1) * BLOCK]
+    fields[i + 1] = 'limit:' .. ARGV[2 + 4 * i]
   end
   local stored = redis.call('HMGET', KEYS[1], unpack(fields))
   local plan, unknown_plan = DEFAULT_PLAN, ''
-  if stored[1] then
-    plan = -1
-    for p = 1, NPLANS do
-      if ARGV[5 + p] == stored[1] then
-        plan = p
-      end
-    end
-    if plan == -1 then
-      plan, unknown_plan = DEFAULT_PLAN, stored[1]
+  if stored[1] and stored[1] ~= DEFAULT_PLAN then
+    if plan_limit(ARGV[9], stored[1]) then
+      plan = stored[1]
+    else
+      unknown_plan = stored[1]
     end
   end
   local metrics = {}
   for i = 1, NMETRICS do
-    local at = FIRST_BLOCK + (i - 1) * BLOCK
+    local at = 2 + 4 * i
+    local spec = ARGV[at + 3]
+    local monthly, percent, keep = string.match(spec, '^(%d):(%d+):(%d+)')
     local limit = stored[i + 1]
-    if not limit and plan > 0 then
-      limit = ARGV[at + 4 + plan]
+    if not limit and plan ~= '' then
+      limit = plan_limit(spec, plan)
     end
     if limit == '' or limit == 'null' then
       limit = false
     end
     local m = {
       name = ARGV[at], amount = tonumber(ARGV[at + 1]), personal = ARGV[at + 2] == '1',
-      monthly = ARGV[at + 3] == '1', key = KEYS[2 + 2 * i], other = KEYS[3 + 2 * i],
-      limit = false, limit_text = limit, quota = MAX,
+      monthly = monthly == '1', keep = tonumber(keep), key = KEYS[2 + 2 * i],
+      other = KEYS[3 + 2 * i], limit = false, limit_text = limit, quota = MAX,
     }
     if limit then
       m.limit = tonumber(limit)
-      m.quota = scaled(limit, tonumber(ARGV[at + 4]), false)
+      m.quota = scaled(limit, tonumber(percent), false)
     end
     metrics[i] = m
   end
@@ -102,12 +113,12 @@ local function add(key, delta, expires)
   return value
 end
 
--- Record a cumulative value for this period, keeping the newest KEEP periods.
-local function remember(history, value)
-  if redis.call('HSET', history, PERIOD, value) == 1 and redis.call('HLEN', history) > KEEP then
+-- Record a cumulative value for this period, keeping the newest ``keep`` periods.
+local function remember(history, value, keep)
+  if redis.call('HSET', history, PERIOD, value) == 1 and redis.call('HLEN', history) > keep then
     local periods = redis.call('HKEYS', history)
     table.sort(periods)
-    for i = 1, #periods - KEEP do
+    for i = 1, #periods - keep do
       redis.call('HDEL', history, periods[i])
     end
   end

@@ -37,7 +37,7 @@ for i, m in ipairs(metrics) do
       add(m.other, delta, true)
     end
     if not m.monthly then
-      remember(m.other, used)
+      remember(m.other, used, m.keep)
     end
     if delta > 0 then
       reach_thresholds(m, used, reply)

@@ -1,4 +1,4 @@
--- consume / check / reserve (MODE): check every metric, then count all of them or none.
+-- consume / idempotent / check / reserve (MODE): check every metric, then count all or none.
 -- FLAGS 'i': KEYS[EXTRA_KEY] remembers an admitted consumption for 24 h (idempotency);
 -- FLAGS 'r': KEYS[EXTRA_KEY] records the reservation's estimates.
 -- Reply: {admitted (1/0), metric, scope, used, limit (-1: none), quota (-1: none),
@@ -53,7 +53,7 @@ if MODE ~= 'check' then
         m.own = add(m.other, m.amount, true)
       end
       if not m.monthly then
-        remember(m.other, m.used)
+        remember(m.other, m.used, m.keep)
       end
     end
   end
