@@ -80,6 +80,18 @@ class from_state:
         return Subject(org, None if self.user is None else state.get(self.user))
 
 
+class ExcludedPaths:
+    """Paths an integration never meters: exact ones, and prefixes written with a trailing ``*``."""
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        patterns = tuple(patterns)
+        self.exact = frozenset(p for p in patterns if not p.endswith("*"))
+        self.prefixes = tuple(p[:-1] for p in patterns if p.endswith("*"))
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.exact or bool(self.prefixes and path.startswith(self.prefixes))
+
+
 @dataclass(frozen=True)
 class Rule:
     """Meter ``amount`` of ``metric`` on requests whose path matches ``path``.
@@ -147,15 +159,11 @@ class UsageGuardMiddleware:
             self.catalog[rule.metric]
         self.meter = meter
         self.amount = amount
-        excluded = tuple(exclude)
-        self.exclude = frozenset(p for p in excluded if not p.endswith("*"))
-        self.exclude_prefixes = tuple(p[:-1] for p in excluded if p.endswith("*"))
+        self.exclude = ExcludedPaths(exclude)
         self.require_identity = require_identity
         self.status_code = status_code
         self.ratelimit_headers = ratelimit_headers
-        limiter = RateLimits(guard, status_code=status_code)
-        wanted = limiter.configured if rate_limits is None else rate_limits
-        self.rate_limits = limiter if wanted else None
+        self.rate_limits = RateLimits.enforced(guard, status_code=status_code, enabled=rate_limits)
         self._unauthorized = client_error(401, "Unauthorized", "This request needs an identity.")
         self._invalid_identity = client_error(
             400, "Bad Request", "The organization or user id of this request is not valid."
@@ -166,9 +174,7 @@ class UsageGuardMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        if path in self.exclude or (
-            self.exclude_prefixes and path.startswith(self.exclude_prefixes)
-        ):
+        if path in self.exclude:
             await self.app(scope, receive, send)
             return
         if self._identify_scope is not None:

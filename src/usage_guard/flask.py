@@ -16,6 +16,7 @@ from typing import Any
 from flask import Flask, Response, g, request
 
 from .aio import AsyncUsageGuard
+from .asgi import ExcludedPaths
 from .context import AnyGuard, Binding, bind, unbind
 from .decision import Decision
 from .errors import InvalidIdentifier, UsageLimitExceeded
@@ -56,15 +57,13 @@ class UsageGuardFlask:
             self.guard.catalog[meter]
         self.meter = meter
         self.amount = amount
-        excluded = tuple(exclude)
-        self.exclude = frozenset(p for p in excluded if not p.endswith("*"))
-        self.exclude_prefixes = tuple(p[:-1] for p in excluded if p.endswith("*"))
+        self.exclude = ExcludedPaths(exclude)
         self.require_identity = require_identity
         self.status_code = status_code
         self.ratelimit_headers = ratelimit_headers
-        limiter = RateLimits(self.guard, status_code=status_code)
-        wanted = limiter.configured if rate_limits is None else rate_limits
-        self.rate_limits = limiter if wanted else None
+        self.rate_limits = RateLimits.enforced(
+            self.guard, status_code=status_code, enabled=rate_limits
+        )
         if app is not None:
             self.init_app(app)
 
@@ -79,9 +78,7 @@ class UsageGuardFlask:
 
     def _before(self) -> Response | None:
         path = request.path
-        if path in self.exclude or (
-            self.exclude_prefixes and path.startswith(self.exclude_prefixes)
-        ):
+        if path in self.exclude:
             return None
         who = self.identify(request)
         if who is None:

@@ -59,6 +59,14 @@ class RateLimits:
     def configured(self) -> bool:
         return any(self.by_plan.values())
 
+    @classmethod
+    def enforced(
+        cls, guard: UsageGuard | AsyncUsageGuard, *, status_code: int, enabled: bool | None
+    ) -> RateLimits | None:
+        """The limits an integration enforces: ``enabled=None`` means when any plan has some."""
+        limiter = cls(guard, status_code=status_code)
+        return limiter if (limiter.configured if enabled is None else enabled) else None
+
     def _limits_for(
         self, plan: str | None, metrics: Iterable[str]
     ) -> list[tuple[str, RateLimitItem]]:
