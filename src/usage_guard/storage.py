@@ -101,8 +101,27 @@ class AsyncRedisScripts:
         self._scripts = {name: client.register_script(src) for name, src in SOURCES.items()}
         self._turns = asyncio.Semaphore(max_in_flight)
         self._wait = wait
+        # redis-py's async cluster client connects on first use, and a burst of first
+        # calls races that set-up and drops connections: they all wait for one set-up.
+        self._connected = not isinstance(client, redis.asyncio.cluster.RedisCluster)
+        self._connecting: asyncio.Future[Any] | None = None
+
+    async def _connect(self) -> None:
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self.client.initialize())
+        connecting = self._connecting
+        try:
+            await asyncio.wait_for(asyncio.shield(connecting), self._wait)
+        except asyncio.TimeoutError:
+            raise redis.ConnectionError("Redis Cluster did not answer within the timeout") from None
+        except BaseException:
+            self._connecting = None  # the next call tries again
+            raise
+        self._connected = True
 
     async def run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
+        if not self._connected:
+            await self._connect()
         if self._turns.locked():
             try:
                 await asyncio.wait_for(self._turns.acquire(), self._wait)
