@@ -6,9 +6,10 @@ per-test prefix and are deleted after; nothing is flushed); ``cluster`` when
 ``USAGE_GUARD_CLUSTER=1``, on a throwaway 3-master cluster this file starts
 with the ``redis-server`` binary and stops after the session.
 
-Tests marked ``real_redis`` or ``cluster`` are deselected when their server is
-not configured. With ``CI=true`` both must be configured: a missing one fails
-the run instead of shrinking it.
+Tests marked ``real_redis`` (or using ``redis_process``) or ``cluster`` are
+deselected when their server is not configured, ``browser`` ones when Debian's
+Chromium is not installed. With ``CI=true`` all three must be there: a missing
+one fails the run instead of shrinking it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -34,6 +36,10 @@ from usage_guard import UsageGuard
 REDIS_URL = os.environ.get("USAGE_GUARD_REDIS_URL", "")
 CLUSTER = os.environ.get("USAGE_GUARD_CLUSTER", "") == "1"
 IN_CI = os.environ.get("CI", "").lower() == "true"
+CHROMIUM = os.path.exists("/usr/bin/chromium")
+# The console script of the environment running the tests, not another one on PATH.
+_BESIDE_PYTHON = Path(sys.executable).parent / "usage-guard"
+USAGE_GUARD = str(_BESIDE_PYTHON) if _BESIDE_PYTHON.exists() else shutil.which("usage-guard")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,14 +48,24 @@ def pytest_configure(config: pytest.Config) -> None:
             "CI=true needs USAGE_GUARD_REDIS_URL and USAGE_GUARD_CLUSTER=1: "
             "real Redis and Redis Cluster tests must run in CI"
         )
+    if IN_CI and not CHROMIUM:
+        raise pytest.UsageError("CI=true needs /usr/bin/chromium (apt-get install chromium)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     keep, drop = [], []
     for item in items:
-        needs_redis = item.get_closest_marker("real_redis") is not None
+        # A test that starts its own redis-server needs one installed, like a real_redis test.
+        needs_redis = item.get_closest_marker("real_redis") is not None or "redis_process" in (
+            getattr(item, "fixturenames", ())
+        )
         needs_cluster = item.get_closest_marker("cluster") is not None
-        if (needs_redis and not REDIS_URL) or (needs_cluster and not CLUSTER):
+        needs_browser = item.get_closest_marker("browser") is not None
+        if (
+            (needs_redis and not REDIS_URL)
+            or (needs_cluster and not CLUSTER)
+            or (needs_browser and not CHROMIUM)
+        ):
             drop.append(item)
         else:
             keep.append(item)

@@ -5,9 +5,7 @@ Screenshots at desktop and phone width land in ``test-artifacts/`` (gitignored).
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,11 +13,11 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from conftest import free_port, wait_for
+from conftest import USAGE_GUARD, free_port, wait_for
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-USAGE_GUARD = shutil.which("usage-guard") or str(Path(sys.executable).parent / "usage-guard")
 CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.browser
 COLOURS = {
     "blue": "rgb(59, 130, 246)",
     "yellow": "rgb(234, 179, 8)",

@@ -5,16 +5,14 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import REDIS_URL, delete_prefix
+from conftest import REDIS_URL, USAGE_GUARD, delete_prefix
 from usage_guard import Period, Plan, UsageGuard
 from usage_guard.cli import main
 from usage_guard.periods import utc_now
@@ -27,7 +25,6 @@ PLANS_JSON = {
     "default": "free",
     "plans": {name: dict(plan.limits) for name, plan in PLANS.items()},
 }
-USAGE_GUARD = shutil.which("usage-guard") or str(Path(sys.executable).parent / "usage-guard")
 
 
 @pytest.fixture

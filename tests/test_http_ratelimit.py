@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from flask import Flask
@@ -79,3 +80,21 @@ def test_rate_limits_are_off_when_no_plan_declares_any(
     plain = make_guard(plans={"free": Plan("free", {})}, default_plan="free")
     assert not RateLimits(plain).configured
     assert asgi_app(plain).rate_limits is None
+
+
+@pytest.mark.real_redis
+def test_rate_limits_fail_open_when_redis_is_down(
+    redis_process: Any, serve: Callable[..., TestClient]
+) -> None:
+    guard = UsageGuard.from_url(redis_process.url, plans=PLANS, default_plan="free", timeout=0.2)
+    app = asgi_app(guard)
+    assert app.rate_limits is not None
+    client = serve(app, guard)
+    assert client.get("/", headers=ACME).status_code == 200
+    redis_process.stop()
+    # Neither the short-window limits nor the monthly quota can be asked: the quota's
+    # policy (allow, by default) decides, and nothing answers a 500.
+    assert [client.get("/", headers=ACME).status_code for _ in range(5)] == [200] * 5
+    assert guard.engine.backend_errors >= 5
+    client.portal.call(app.rate_limits.aclose)  # type: ignore[union-attr]
+    guard.close()

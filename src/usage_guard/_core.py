@@ -407,12 +407,16 @@ class Engine:
             resets_at=period.end if metric.monthly else None,
         )
 
-    def failed(self, call: Call[T], error: Exception) -> T:
-        """Count and log (once per outage) a backend failure; answer by the call's fallback."""
+    def record_failure(self, error: Exception) -> None:
+        """Count a backend failure; log it once per outage."""
         self.backend_errors += 1
         if not self.outage:
             self.outage = True
             logger.error("usage_guard: Redis unavailable (%s: %s)", type(error).__name__, error)
+
+    def failed(self, call: Call[T], error: Exception) -> T:
+        """Record a backend failure; answer by the call's fallback."""
+        self.record_failure(error)
         if call.fallback is None:
             raise BackendUnavailable(str(error)) from error
         return call.fallback()

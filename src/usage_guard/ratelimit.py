@@ -22,6 +22,7 @@ from .aio import AsyncUsageGuard
 from .guard import UsageGuard
 from .keys import KeySpace, encode_id
 from .problem import Problem, rate_limited
+from .storage import BACKEND_ERRORS
 
 #: How long (s) an org's plan assignment is trusted before it is read again.
 PLAN_CACHE_SECONDS = 5.0
@@ -106,6 +107,26 @@ class RateLimits:
         return rate_limited(metric, item.amount, window, retry_after, status=self.status_code)
 
     def hit(self, org: str, metrics: Iterable[str]) -> Problem | None:
+        """The 429 for the first short-window limit exceeded, or None.
+
+        Fails open when Redis cannot be asked: the monthly quota's own
+        ``on_backend_error`` policy still decides the request.
+        """
+        try:
+            return self._hit(org, metrics)
+        except BACKEND_ERRORS as error:
+            self.guard.engine.record_failure(error)
+            return None
+
+    async def ahit(self, org: str, metrics: Iterable[str]) -> Problem | None:
+        """The async :meth:`hit`."""
+        try:
+            return await self._ahit(org, metrics)
+        except BACKEND_ERRORS as error:
+            self.guard.engine.record_failure(error)
+            return None
+
+    def _hit(self, org: str, metrics: Iterable[str]) -> Problem | None:
         checks = self._limits_for(self._plan(org), metrics)
         if not checks:
             return None
@@ -118,7 +139,7 @@ class RateLimits:
                 return self._denied(metric, item, stats.reset_time)
         return None
 
-    async def ahit(self, org: str, metrics: Iterable[str]) -> Problem | None:
+    async def _ahit(self, org: str, metrics: Iterable[str]) -> Problem | None:
         checks = self._limits_for(await self._aplan(org), metrics)
         if not checks:
             return None
