@@ -26,6 +26,7 @@ from .context import AnyGuard, current_guard, current_subject
 from .decision import Decision
 from .decorator import NotBound
 from .errors import UsageLimitExceeded
+from .plans import check_value
 from .problem import PROBLEM_JSON, QUOTA_EXCEEDED, quota_exceeded
 
 #: The OpenAPI description of the 429 the dependency can answer.
@@ -65,6 +66,7 @@ class Requirement:
     def __init__(self, metric: str, amount: int = 1, *, guard: AnyGuard | None = None) -> None:
         if guard is not None:
             guard.catalog[metric]
+        check_value(amount)
         self.metric = metric
         self.amount = amount
         self.guard = guard
