@@ -6,10 +6,11 @@ The sync and async guards only send a :class:`Call` and hand the reply back to
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
@@ -55,6 +56,19 @@ class Ticket:
     user: str | None
     period: Period
     amounts: Amounts
+
+
+class ReservationBase:
+    """What the sync and async reservations share: the decision and where to find it again."""
+
+    def __init__(self, decision: Decision, ticket: Ticket) -> None:
+        self.decision = decision
+        self.ticket = ticket
+
+    @property
+    def open(self) -> bool:
+        """Whether the estimate was counted, so settle and cancel have something to adjust."""
+        return self.decision.allowed and self.decision.scope != "unavailable"
 
 
 class Engine:
@@ -406,6 +420,23 @@ class Engine:
             remaining=None,
             resets_at=period.end if metric.monthly else None,
         )
+
+    def notify(self, events: Events) -> list[Awaitable[Any]]:
+        """Call every listener with every event, logging (never raising) their errors.
+
+        Returns what async listeners gave back, for the async guard to await.
+        """
+        pending: list[Awaitable[Any]] = []
+        for event in events:
+            for listener in self.listeners:
+                try:
+                    outcome = listener(event)
+                except Exception:
+                    logger.exception("usage_guard: threshold listener %r failed", listener)
+                    continue
+                if inspect.isawaitable(outcome):
+                    pending.append(outcome)
+        return pending
 
     def record_failure(self, error: Exception) -> None:
         """Count a backend failure; log it once per outage."""

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._core import Amounts, Call, Engine, Events, Listener, Ticket
+from ._core import Amounts, Call, Engine, Events, Listener, ReservationBase, Ticket
 from .catalog import Catalog
 from .decision import Decision
 from .report import Report
@@ -60,14 +59,11 @@ class AsyncUsageGuard:
         return result
 
     async def _emit(self, events: Events) -> None:
-        for event in events:
-            for listener in self.engine.listeners:
-                try:
-                    outcome = listener(event)
-                    if inspect.isawaitable(outcome):
-                        await outcome
-                except Exception:
-                    logger.exception("usage_guard: threshold listener %r failed", listener)
+        for outcome in self.engine.notify(events):
+            try:
+                await outcome
+            except Exception:
+                logger.exception("usage_guard: threshold listener failed")
 
     async def consume(
         self,
@@ -144,17 +140,12 @@ class AsyncUsageGuard:
         await self.aclose()
 
 
-class AsyncReservation:
+class AsyncReservation(ReservationBase):
     """The asyncio form of :class:`~usage_guard.guard.Reservation`."""
 
     def __init__(self, guard: AsyncUsageGuard, decision: Decision, ticket: Ticket) -> None:
+        super().__init__(decision, ticket)
         self.guard = guard
-        self.decision = decision
-        self.ticket = ticket
-
-    @property
-    def open(self) -> bool:
-        return self.decision.allowed and self.decision.scope != "unavailable"
 
     async def settle(self, actual: int | Amounts) -> bool:
         call = self.guard.engine.settle(self.ticket, actual)

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._core import Amounts, BackendErrorPolicy, Call, Engine, Events, Listener, Ticket
+from ._core import (
+    Amounts,
+    BackendErrorPolicy,
+    Call,
+    Engine,
+    Events,
+    Listener,
+    ReservationBase,
+    Ticket,
+)
 from .catalog import DEFAULT_CATALOG, Catalog
 from .decision import Decision
 from .periods import Clock
@@ -93,15 +101,9 @@ class UsageGuard:
         return result
 
     def _emit(self, events: Events) -> None:
-        for event in events:
-            for listener in self.engine.listeners:
-                try:
-                    outcome = listener(event)
-                    if inspect.isawaitable(outcome):
-                        _close(outcome)
-                        raise TypeError("async listeners need the async guard (guard.aio)")
-                except Exception:
-                    logger.exception("usage_guard: threshold listener %r failed", listener)
+        for outcome in self.engine.notify(events):
+            _close(outcome)
+            logger.error("usage_guard: async threshold listeners need the async guard (guard.aio)")
 
     # -- metering ---------------------------------------------------------------------
 
@@ -200,7 +202,7 @@ class UsageGuard:
         self.close()
 
 
-class Reservation:
+class Reservation(ReservationBase):
     """An estimate counted by :meth:`UsageGuard.reserve`. Settle or cancel it once.
 
     A denied reservation (``not r.decision.allowed``) counted nothing: its
@@ -208,13 +210,8 @@ class Reservation:
     """
 
     def __init__(self, guard: UsageGuard, decision: Decision, ticket: Ticket) -> None:
+        super().__init__(decision, ticket)
         self.guard = guard
-        self.decision = decision
-        self.ticket = ticket
-
-    @property
-    def open(self) -> bool:
-        return self.decision.allowed and self.decision.scope != "unavailable"
 
     def settle(self, actual: int | Amounts) -> bool:
         """Adjust the counters by ``actual - estimate`` (never denied). False if already done."""
