@@ -98,3 +98,12 @@ def test_rate_limits_fail_open_when_redis_is_down(
     assert guard.engine.backend_errors >= 5
     client.portal.call(app.rate_limits.aclose)  # type: ignore[union-attr]
     guard.close()
+
+
+def test_the_plan_cache_stays_bounded(guard: UsageGuard, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("usage_guard.ratelimit.PLAN_CACHE_SIZE", 2)
+    limits = RateLimits(guard)
+    for org in ("a", "b", "c", "d", "e"):
+        assert limits.hit(org, ["api_calls"]) is None
+        assert len(limits._plans) <= 2
+    limits.close()

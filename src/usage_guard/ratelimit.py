@@ -26,6 +26,8 @@ from .storage import BACKEND_ERRORS
 
 #: How long (s) an org's plan assignment is trusted before it is read again.
 PLAN_CACHE_SECONDS = 5.0
+#: Orgs whose plan is cached at once; past it the cache starts afresh (entries are short-lived).
+PLAN_CACHE_SIZE = 10_000
 
 
 class RateLimits:
@@ -83,6 +85,8 @@ class RateLimits:
     def _remember(self, org: str, assigned: str | None) -> str | None:
         plan = self.guard.engine.plans.effective(org, assigned)
         name = None if plan is None else plan.name
+        if len(self._plans) >= PLAN_CACHE_SIZE:
+            self._plans.clear()
         self._plans[org] = (time.monotonic() + PLAN_CACHE_SECONDS, name)
         return name
 
