@@ -9,7 +9,7 @@ from ._core import Amounts, Call, Engine, Events, Listener, ReservationBase, Tic
 from .catalog import Catalog
 from .decision import Decision
 from .report import Report
-from .storage import BACKEND_ERRORS, Backend
+from .storage import BACKEND_ERRORS, AsyncScriptRunner, Backend
 from .usage import Usage
 
 if TYPE_CHECKING:
@@ -48,7 +48,8 @@ class AsyncUsageGuard:
 
     async def _run(self, call: Call[T]) -> T:
         try:
-            reply = await self.backend.aio().run(call.script, call.keys, call.args)
+            runner: AsyncScriptRunner = self.backend.aio()
+            reply = await runner.run(call.script, call.keys, call.args)
         except BACKEND_ERRORS as error:
             return self.engine.failed(call, error)
         if self.engine.outage:

@@ -21,7 +21,7 @@ from .decision import Decision
 from .periods import Clock
 from .plans import Plan
 from .report import Report
-from .storage import BACKEND_ERRORS, Backend
+from .storage import BACKEND_ERRORS, Backend, ScriptRunner
 from .usage import Usage
 
 if TYPE_CHECKING:
@@ -90,7 +90,8 @@ class UsageGuard:
 
     def _run(self, call: Call[T]) -> T:
         try:
-            reply = self.backend.sync().run(call.script, call.keys, call.args)
+            runner: ScriptRunner = self.backend.sync()
+            reply = runner.run(call.script, call.keys, call.args)
         except BACKEND_ERRORS as error:
             return self.engine.failed(call, error)
         if self.engine.outage:

@@ -52,10 +52,17 @@ SOURCES = _load_scripts()
 
 
 class ScriptRunner(Protocol):
+    """All the I/O a guard needs: run one of :data:`SCRIPTS` once and return its reply.
+
+    Another client (a pipelining one, say) plugs in by offering this method.
+    """
+
     def run(self, script: str, keys: list[str], args: list[str | int]) -> Any: ...
 
 
 class AsyncScriptRunner(Protocol):
+    """The asyncio form of :class:`ScriptRunner`."""
+
     async def run(self, script: str, keys: list[str], args: list[str | int]) -> Any: ...
 
 
