@@ -5,8 +5,8 @@ In one run, interleaved so machine noise hits both sides alike:
 
 * floor: redis-py ``register_script`` of a minimal 3-key script (three INCRBY on
   keys sharing a hash tag), sync and asyncio, on the same server;
-* ``UsageGuard.consume`` and ``AsyncUsageGuard.consume`` (one metric, with a user,
-  a plan limit, a personal counter: the realistic hot path);
+* ``UsageGuard.consume`` and ``AsyncUsageGuard.consume`` of one metric with a
+  user (a plan limit and a personal counter), and without one (sync);
 * the same on ``memory://`` next to fakeredis running the floor script;
 * Redis commands per consumption from ``INFO commandstats`` deltas;
 * ``MEMORY USAGE`` of one org with all 12 metrics used for 6 months.
@@ -163,9 +163,16 @@ def main() -> None:
         floor = client.register_script(FLOOR_LUA)
         keys = floor_keys(prefix)
         bench_pair(
-            "real Redis, sync",
+            "real Redis, sync, with a user (personal counter)",
             lambda: floor(keys=keys, args=args),
             lambda: guard.consume("bench-org", "ai_tokens", 1, user="alice"),
+            n,
+            rounds,
+        )
+        bench_pair(
+            "real Redis, sync, organization only",
+            lambda: floor(keys=keys, args=args),
+            lambda: guard.consume("bench-org", "emails", 1),
             n,
             rounds,
         )
