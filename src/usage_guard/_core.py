@@ -33,7 +33,7 @@ Listener = Callable[[ThresholdEvent], Any]
 Events = tuple[ThresholdEvent, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Call(Generic[T]):
     """One script call: what to send, how to read the reply, what to do if Redis fails.
 
@@ -190,7 +190,7 @@ class Engine:
     ) -> Call[Decision]:
         items = self.amounts(metric, amount)
         period, ttl = self.now()
-        space = KeySpace(self.prefix, org)
+        space = KeySpace.of(self.prefix, org)
         mode, extra = ("check" if check else "consume"), None
         if idempotency_key is not None and not check:
             mode, extra = "idempotent", space.idempotency(idempotency_key)
@@ -208,7 +208,7 @@ class Engine:
     ) -> tuple[Call[Decision], Ticket]:
         items = self.amounts(metric, amount)
         period, ttl = self.now()
-        space = KeySpace(self.prefix, org)
+        space = KeySpace.of(self.prefix, org)
         ticket = Ticket(uuid.uuid4().hex, org, user, period, {m.name: a for m, a in items})
         keys, args = self._script_args(
             space, user, items, period, ttl, "reserve", space.reservation(ticket.id)
@@ -238,7 +238,7 @@ class Engine:
             (self.catalog[name], check_value(value, "actual")) for name, value in amounts.items()
         ]
         period = ticket.period
-        space = KeySpace(self.prefix, ticket.org)
+        space = KeySpace.of(self.prefix, ticket.org)
         keys, args = self._script_args(
             space,
             ticket.user,
@@ -260,7 +260,8 @@ class Engine:
                     f"{m.name} resets monthly: only cumulative metrics can be released or set"
                 )
         period, ttl = self.now()
-        keys, args = self._script_args(KeySpace(self.prefix, org), None, items, period, ttl, mode)
+        space = KeySpace.of(self.prefix, org)
+        keys, args = self._script_args(space, None, items, period, ttl, mode)
         return Call("adjust", keys, args, lambda reply: self._adjusted(org, period, reply))
 
     # -- admin --------------------------------------------------------------------------
@@ -271,21 +272,21 @@ class Engine:
     def assign_plan(self, org: str, plan: str | None) -> Call[None]:
         if plan is not None:
             self.plans.get(plan)
-        return self._admin(KeySpace(self.prefix, org).org, "assign", plan or "")
+        return self._admin(KeySpace.of(self.prefix, org).org, "assign", plan or "")
 
     def set_limit(self, org: str, metric: str, limit: int | None) -> Call[None]:
         self.catalog[metric]
         stored = UNLIMITED if check_limit(limit) is None else str(limit)
-        return self._admin(KeySpace(self.prefix, org).org, "set", f"limit:{metric}", stored)
+        return self._admin(KeySpace.of(self.prefix, org).org, "set", f"limit:{metric}", stored)
 
     def remove_limit(self, org: str, metric: str) -> Call[None]:
         self.catalog[metric]
-        return self._admin(KeySpace(self.prefix, org).org, "unset", f"limit:{metric}")
+        return self._admin(KeySpace.of(self.prefix, org).org, "unset", f"limit:{metric}")
 
     def set_budget(self, org: str, user: str, metric: str, budget: int | None) -> Call[None]:
         if not self.catalog[metric].personal:
             raise InvalidUsage(f"{metric} takes no personal budgets")
-        space = KeySpace(self.prefix, org)
+        space = KeySpace.of(self.prefix, org)
         name = budget_field(encode_id(user), metric)
         if check_limit(budget, "budget") is None:
             return self._admin(space.budgets, "unset", name)
@@ -294,7 +295,7 @@ class Engine:
     # -- reads --------------------------------------------------------------------------
 
     def usage(self, org: str, user: str | None = None) -> Call[Usage]:
-        space = KeySpace(self.prefix, org)
+        space = KeySpace.of(self.prefix, org)
         user_id = None if user is None else encode_id(user)
         period = self.now()[0]
         window = period.window(self.history_months)
@@ -352,17 +353,18 @@ class Engine:
         *,
         replayed: bool = False,
     ) -> Decision:
-        metric = self.catalog[name]
+        unlimited = quota < 0  # the scripts send -1 for "no limit"
+        # Positional arguments: this runs on every call.
         return Decision(
-            allowed=allowed,
-            metric=name,
-            scope=scope,
-            used=used,
-            limit=None if limit < 0 else limit,
-            remaining=None if quota < 0 else max(0, quota - used),
-            resets_at=period.end if metric.monthly else None,
-            quota=None if quota < 0 else quota,
-            replayed=replayed,
+            allowed,
+            name,
+            scope,
+            used,
+            None if limit < 0 else limit,
+            None if unlimited else (quota - used if quota > used else 0),
+            period.end if self.catalog[name].monthly else None,
+            None if unlimited else quota,
+            replayed,
         )
 
     def _adjusted(self, org: str, period: Period, reply: Any) -> tuple[bool, Events]:

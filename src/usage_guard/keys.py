@@ -62,18 +62,19 @@ def decode_id(encoded: str) -> str:
 class KeySpace:
     """Builds the keys of one organization under a prefix (``ug`` by default)."""
 
-    __slots__ = ("base",)
+    __slots__ = ("base", "budgets", "org")
 
     def __init__(self, prefix: str, org: str) -> None:
         self.base = f"{prefix}:{{{encode_id(org)}}}:"
+        self.org = self.base + "org"
+        self.budgets = self.base + "budgets"
 
-    @property
-    def org(self) -> str:
-        return self.base + "org"
-
-    @property
-    def budgets(self) -> str:
-        return self.base + "budgets"
+    @staticmethod
+    def of(prefix: str, org: str) -> KeySpace:
+        """The same as ``KeySpace(prefix, org)``, built once per org (it is on every call)."""
+        if type(org) is not str:
+            encode_id(org)  # raises InvalidIdentifier, where the cache would raise TypeError
+        return _cached_space(prefix, org)
 
     def counter(self, metric: str, period: str) -> str:
         return f"{self.base}c:{metric}:{period}"
@@ -95,6 +96,9 @@ class KeySpace:
 
     def reservation(self, reservation_id: str) -> str:
         return f"{self.base}r:{reservation_id}"
+
+
+_cached_space = lru_cache(maxsize=65536)(KeySpace)
 
 
 def budget_field(user_id: str, metric: str) -> str:
