@@ -307,7 +307,7 @@ class Engine:
             else:
                 strings.append(space.gauge(m.name))
                 histories.append(space.history(m.name))
-        personal = [m for m in self.catalog.personal()] if user_id is not None else []
+        personal = list(self.catalog.personal()) if user_id is not None else []
         strings += (space.personal(user_id or "", m.name, period.key) for m in personal)
         budgets = [budget_field(user_id or "", m.name) for m in personal]
         keys = [space.org, space.budgets, *strings, *histories]

@@ -23,7 +23,7 @@ from .aio import AsyncUsageGuard
 from .context import AnyGuard, bind, unbind
 from .decision import Decision
 from .errors import InvalidIdentifier, UsageLimitExceeded
-from .problem import Problem, client_error, policy_fields, quota_exceeded
+from .problem import INVALID_IDENTITY, UNAUTHORIZED, Problem, policy_fields, quota_exceeded
 from .ratelimit import RateLimits
 from .subject import Subject
 
@@ -164,10 +164,6 @@ class UsageGuardMiddleware:
         self.status_code = status_code
         self.ratelimit_headers = ratelimit_headers
         self.rate_limits = RateLimits.enforced(guard, status_code=status_code, enabled=rate_limits)
-        self._unauthorized = client_error(401, "Unauthorized", "This request needs an identity.")
-        self._invalid_identity = client_error(
-            400, "Bad Request", "The organization or user id of this request is not valid."
-        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -184,7 +180,7 @@ class UsageGuardMiddleware:
             who = await found if inspect.isawaitable(found) else found
         if who is None:
             if self.require_identity:
-                await _send_problem(self._unauthorized, send)
+                await _send_problem(UNAUTHORIZED, send)
                 return
             # Bound without a subject: a metered call then fails with a clear message.
             token = bind(None, self.guard)
@@ -208,7 +204,7 @@ class UsageGuardMiddleware:
                 else:
                     decision = await self.aguard.consume(who.org, amounts, user=who.user)
         except InvalidIdentifier:
-            await _send_problem(self._invalid_identity, send)
+            await _send_problem(INVALID_IDENTITY, send)
             return
         if decision is not None and not decision.allowed:
             await _send_problem(self._denial(decision), send)

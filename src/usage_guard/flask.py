@@ -21,7 +21,7 @@ from .context import AnyGuard, Binding, bind, unbind
 from .decision import Decision
 from .errors import InvalidIdentifier, UsageLimitExceeded
 from .guard import UsageGuard
-from .problem import Problem, client_error, policy_fields, quota_exceeded
+from .problem import INVALID_IDENTITY, UNAUTHORIZED, Problem, policy_fields, quota_exceeded
 from .ratelimit import RateLimits
 from .subject import Subject
 
@@ -83,9 +83,7 @@ class UsageGuardFlask:
         who = self.identify(request)
         if who is None:
             if self.require_identity:
-                return _response(
-                    client_error(401, "Unauthorized", "This request needs an identity.")
-                )
+                return _response(UNAUTHORIZED)
             return None
         decision: Decision | None = None
         try:
@@ -96,9 +94,7 @@ class UsageGuardFlask:
                         return _response(limited)
                 decision = self.guard.consume(who.org, self.meter, self.amount, user=who.user)
         except InvalidIdentifier:
-            return _response(
-                client_error(400, "Bad Request", "The organization or user id is not valid.")
-            )
+            return _response(INVALID_IDENTITY)
         if decision is not None and not decision.allowed:
             return _response(self._problem(decision))
         g.usage_guard_decision = decision

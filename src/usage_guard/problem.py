@@ -161,3 +161,11 @@ def _problem(status: int, headers: Headers, body: dict[str, object]) -> Problem:
     encoded = json.dumps(body, separators=(",", ":")).encode()
     headers.append(("content-length", str(len(encoded))))
     return Problem(status, headers, encoded)
+
+
+#: 401 for an anonymous request when an integration requires an identity.
+UNAUTHORIZED = client_error(401, "Unauthorized", "This request needs an identity.")
+#: 400 for an organization or user id that usage_guard cannot accept.
+INVALID_IDENTITY = client_error(
+    400, "Bad Request", "The organization or user id of this request is not valid."
+)
