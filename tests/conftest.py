@@ -238,6 +238,24 @@ def delete_prefix(url: str, prefix: str) -> None:
     client.close()
 
 
+_plain_clients: dict[str, redis.Redis] = {}
+
+
+def raw_client(guard: UsageGuard) -> Any:
+    """A plain client on the guard's storage, as an operator would open one.
+
+    The guard's own redis-py client where it has one (fakeredis for ``memory://``,
+    the cluster client); one shared ``redis.Redis`` per URL otherwise.
+    """
+    client = getattr(guard.backend.sync(), "client", None)
+    if client is not None:
+        return client
+    url = guard.backend.url
+    if url not in _plain_clients:
+        _plain_clients[url] = redis.Redis.from_url(url, decode_responses=True)
+    return _plain_clients[url]
+
+
 @pytest.fixture
 def make_guard(storage_url: str, clock: Clock) -> Iterator[Callable[..., UsageGuard]]:
     """``make_guard(plans=..., default_plan=..., **options)`` on the current backend.

@@ -12,9 +12,10 @@ import pytest
 import redis
 from redis.crc import key_slot
 
+from conftest import raw_client
 from usage_guard import InvalidUsage, Plan, UsageGuard
 from usage_guard.keys import KeySpace, decode_id, encode_id
-from usage_guard.storage import SOURCES
+from usage_guard.scripts import SOURCES
 
 MakeGuard = Callable[..., UsageGuard]
 PLANS = {
@@ -30,13 +31,8 @@ def guard(make_guard: MakeGuard) -> UsageGuard:
     return make_guard(plans=PLANS, default_plan="free")
 
 
-def raw(guard: UsageGuard) -> Any:
-    """The guard's own redis-py (or fakeredis, or cluster) client, without any wrapping."""
-    return guard.backend.sync().client
-
-
 def keys_of(guard: UsageGuard) -> set[str]:
-    client = raw(guard)
+    client = raw_client(guard)
     pattern = f"{guard.engine.prefix}:*"
     if isinstance(client, redis.RedisCluster):
         found = client.scan_iter(match=pattern, target_nodes=redis.RedisCluster.ALL_NODES)
@@ -63,7 +59,7 @@ def test_every_key_has_its_documented_name_type_and_ttl(guard: UsageGuard, clock
     reservation = guard.reserve("acme", "emails", 2, user="alice")
     guard.consume("acme", "enrichments", 4, user="bob")
     p = guard.engine.prefix
-    client = raw(guard)
+    client = raw_client(guard)
     expected = {
         f"{p}:{{acme}}:org": ("hash", {"plan": "pro", "limit:contacts": "50"}),
         f"{p}:{{acme}}:budgets": ("hash", {"alice:ai_tokens": "100"}),
@@ -100,14 +96,18 @@ def test_ttls_follow_the_injected_clock(guard: UsageGuard, clock: Any) -> None:
     clock.set(2026, 6, 30, 23, 59, 59)
     guard.consume("acme", "emails", 1)
     key = f"{guard.engine.prefix}:{{acme}}:c:emails:2026-06"
-    assert_ttl(raw(guard), key, seconds_until(datetime(2026, 12, 1, tzinfo=timezone.utc), clock))
+    assert_ttl(
+        raw_client(guard), key, seconds_until(datetime(2026, 12, 1, tzinfo=timezone.utc), clock)
+    )
 
 
 def test_history_months_sets_how_long_monthly_keys_live(make_guard: MakeGuard, clock: Any) -> None:
     guard = make_guard(plans=PLANS, history_months=2)
     guard.consume("acme", "emails", 1)
     key = f"{guard.engine.prefix}:{{acme}}:c:emails:2026-11"
-    assert_ttl(raw(guard), key, seconds_until(datetime(2027, 1, 1, tzinfo=timezone.utc), clock))
+    assert_ttl(
+        raw_client(guard), key, seconds_until(datetime(2027, 1, 1, tzinfo=timezone.utc), clock)
+    )
     assert len(guard.usage("acme").periods) == 2
 
 
@@ -116,7 +116,7 @@ def test_cumulative_history_keeps_only_the_window(make_guard: MakeGuard, clock: 
     for month in range(1, 8):
         clock.set(2026, month, 15)
         guard.set_usage("acme", "storage", month)
-    history = raw(guard).hgetall(f"{guard.engine.prefix}:{{acme}}:h:storage")
+    history = raw_client(guard).hgetall(f"{guard.engine.prefix}:{{acme}}:h:storage")
     assert history == {"2026-05": "5", "2026-06": "6", "2026-07": "7"}
 
 
@@ -182,7 +182,7 @@ def test_the_prefix_is_configurable(make_guard: MakeGuard) -> None:
 def test_the_default_prefix_is_ug() -> None:
     guard = UsageGuard.from_url("memory://")
     guard.consume("acme", "emails")
-    assert guard.backend.sync().client.keys("*") == [
+    assert raw_client(guard).keys("*") == [
         f"ug:{{acme}}:c:emails:{datetime.now(timezone.utc):%Y-%m}"
     ]
     assert KeySpace("ug", "acme").org == "ug:{acme}:org"

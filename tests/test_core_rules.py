@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from conftest import raw_client
 from usage_guard import (
     Decision,
     InvalidUsage,
@@ -170,12 +171,12 @@ def test_an_assigned_plan_no_longer_configured_falls_back_to_the_default(
 def test_a_changed_plan_definition_applies_without_rewriting_redis(guard: UsageGuard) -> None:
     guard.assign_plan("acme", "pro")
     assert guard.consume("acme", "emails", 1000).allowed
-    org_hash = guard.backend.sync().client.hgetall(f"{guard.engine.prefix}:{{acme}}:org")
+    org_hash = raw_client(guard).hgetall(f"{guard.engine.prefix}:{{acme}}:org")
     bigger_pro = {**PLANS, "pro": Plan("pro", {"emails": 1500})}
     redeployed = on_same_storage(guard, plans=bigger_pro, default_plan="free")
     decision = redeployed.consume("acme", "emails", 500)
     assert (decision.allowed, decision.used, decision.limit) == (True, 1500, 1500)
-    assert guard.backend.sync().client.hgetall(f"{guard.engine.prefix}:{{acme}}:org") == org_hash
+    assert raw_client(guard).hgetall(f"{guard.engine.prefix}:{{acme}}:org") == org_hash
 
 
 # -- check, amount 0 and Decision fields ----------------------------------------------

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from conftest import raw_client
 from usage_guard import (
     InvalidAmount,
     InvalidIdentifier,
@@ -125,7 +126,7 @@ def test_bad_input_never_reaches_an_unreachable_backend(
 
 def stored(guard: UsageGuard) -> dict[str, Any]:
     """Every key of the guard's prefix with its value."""
-    client = guard.backend.sync().client
+    client = raw_client(guard)
     return {
         key: client.hgetall(key) if client.type(key) == "hash" else client.get(key)
         for key in client.keys(f"{guard.engine.prefix}:*")

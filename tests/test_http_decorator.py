@@ -28,10 +28,7 @@ def run_async(guard: UsageGuard, main: Callable[[], Any]) -> None:
         try:
             await main()
         finally:
-            pool = getattr(guard.backend.aio().client, "connection_pool", None)
             await guard.aio.aclose()
-            if pool is not None:  # Redis(connection_pool=...) leaves its given pool open
-                await pool.disconnect()
 
     asyncio.run(wrapper())
 

@@ -94,16 +94,15 @@ class RateLimits:
         known, plan = self._cached_plan(org)
         if known:
             return plan
-        client = self.guard.backend.sync().client
-        return self._remember(org, client.hget(KeySpace(self.guard.engine.prefix, org).org, "plan"))
+        key = KeySpace(self.guard.engine.prefix, org).org
+        return self._remember(org, self.guard.backend.sync().command("HGET", key, "plan"))
 
     async def _aplan(self, org: str) -> str | None:
         known, plan = self._cached_plan(org)
         if known:
             return plan
-        client = self.guard.backend.aio().client
         key = KeySpace(self.guard.engine.prefix, org).org
-        return self._remember(org, await client.hget(key, "plan"))
+        return self._remember(org, await self.guard.backend.aio().command("HGET", key, "plan"))
 
     def _denied(self, metric: str, item: RateLimitItem, reset_time: float) -> Problem:
         retry_after = max(1, math.ceil(reset_time - time.time()))

@@ -2,16 +2,15 @@
 
 ``memory://`` runs the same Lua in-process through fakeredis + lupa (each URL
 gets its own server; ``memory://NAME`` shares one by name within the process);
-``redis://``, ``rediss://`` and ``redis+cluster://`` use redis-py, with hiredis
-when installed. Scripts are registered with ``register_script``, which
-reloads them after NOSCRIPT.
+``redis://`` and ``rediss://`` use the lean clients of :mod:`usage_guard.wire`;
+``redis+cluster://`` uses redis-py's cluster clients. Every client sends
+EVALSHA and loads the script again after NOSCRIPT.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from importlib import resources
 from typing import Any, Protocol, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -25,8 +24,9 @@ from redis.exceptions import NoScriptError, RedisClusterException
 from redis.retry import Retry
 
 from .errors import InvalidUsage
+from .scripts import SOURCES
+from .wire import Endpoint, PipelinedScripts, SocketScripts
 
-SCRIPTS = ("consume", "adjust", "read", "admin")
 #: Errors that mean "Redis could not answer", as opposed to a bug in a script.
 BACKEND_ERRORS: tuple[type[Exception], ...] = (
     redis.ConnectionError,
@@ -38,26 +38,17 @@ BACKEND_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
-def _load_scripts() -> dict[str, str]:
-    lua = resources.files("usage_guard") / "lua"
-    shared = (lua / "_lib.lua").read_text()
-    sources = {}
-    for name in SCRIPTS:
-        body = (lua / f"{name}.lua").read_text()
-        sources[name] = shared + body if name in ("consume", "adjust") else body
-    return sources
-
-
-SOURCES = _load_scripts()
-
-
 class ScriptRunner(Protocol):
-    """All the I/O a guard needs: run one of :data:`SCRIPTS` once and return its reply.
+    """All the I/O a guard needs: run one of the package's scripts once, return its reply.
 
-    Another client (a pipelining one, say) plugs in by offering this method.
+    ``command`` sends any other command (the rate limiter reads an org's plan with it).
     """
 
     def run(self, script: str, keys: list[str], args: list[str | int]) -> Any: ...
+
+    def command(self, *args: str | int) -> Any: ...
+
+    def close(self) -> None: ...
 
 
 class AsyncScriptRunner(Protocol):
@@ -65,9 +56,13 @@ class AsyncScriptRunner(Protocol):
 
     async def run(self, script: str, keys: list[str], args: list[str | int]) -> Any: ...
 
+    async def command(self, *args: str | int) -> Any: ...
+
+    async def close(self) -> None: ...
+
 
 class RedisScripts:
-    """Runs the package's scripts on a redis-py (or fakeredis) client: one EVALSHA each.
+    """Runs the package's scripts on a redis-py cluster or fakeredis client: one EVALSHA each.
 
     EVALSHA is sent directly (``Script.__call__`` costs about 10 µs more per call);
     on NOSCRIPT (a flushed or new server) the registered ``Script`` loads and runs it.
@@ -83,6 +78,9 @@ class RedisScripts:
             return self.client.evalsha(registered.sha, len(keys), *keys, *args)
         except NoScriptError:
             return registered(keys=keys, args=args)
+
+    def command(self, *args: str | int) -> Any:
+        return self.client.execute_command(*args)
 
     def close(self) -> None:
         if isinstance(self.client, redis.cluster.RedisCluster):
@@ -148,8 +146,15 @@ class AsyncRedisScripts:
         except NoScriptError:
             return await registered(keys=keys, args=args)
 
+    async def command(self, *args: str | int) -> Any:
+        return await self.client.execute_command(*args)
+
     async def close(self) -> None:
+        # A client made with a connection pool (fakeredis's) leaves that pool open on aclose().
+        pool = getattr(self.client, "connection_pool", None)
         await self.client.aclose()
+        if pool is not None:
+            await pool.disconnect()
 
 
 _named_servers: dict[str, Any] = {}
@@ -177,8 +182,8 @@ class Backend:
         self._server: Any = None
         if parts.scheme == "memory":
             self._server = _memory_server(parts.netloc + parts.path)
-        self._sync: RedisScripts | None = None
-        self._async: AsyncRedisScripts | None = None
+        self._sync: ScriptRunner | None = None
+        self._async: AsyncScriptRunner | None = None
 
     @property
     def kind(self) -> str:
@@ -196,16 +201,22 @@ class Backend:
         scheme = self._parts.scheme.removesuffix("+cluster")
         return urlunsplit((scheme, *self._parts[1:]))
 
-    def sync(self) -> RedisScripts:
+    def sync(self) -> ScriptRunner:
         if self._sync is None:
-            self._sync = RedisScripts(self._sync_client())
+            if self.kind in ("redis", "rediss"):
+                self._sync = SocketScripts(Endpoint.from_url(self.url, self.timeout))
+            else:
+                self._sync = RedisScripts(self._sync_client())
         return self._sync
 
-    def aio(self) -> AsyncRedisScripts:
+    def aio(self) -> AsyncScriptRunner:
         if self._async is None:
-            self._async = AsyncRedisScripts(
-                self._async_client(), max_in_flight=self.max_connections, wait=self.timeout
-            )
+            if self.kind in ("redis", "rediss"):
+                self._async = PipelinedScripts(Endpoint.from_url(self.url, self.timeout))
+            else:
+                self._async = AsyncRedisScripts(
+                    self._async_client(), max_in_flight=self.max_connections, wait=self.timeout
+                )
         return self._async
 
     def _sync_client(self) -> Any:
@@ -213,12 +224,9 @@ class Backend:
             import fakeredis
 
             return fakeredis.FakeRedis(server=self._server, decode_responses=True)
-        options = self._redis_options()
-        if self._parts.scheme.endswith("+cluster"):
-            return redis.cluster.RedisCluster.from_url(
-                self._real_url(), retry=Retry(NoBackoff(), 0), **options
-            )
-        return redis.Redis.from_url(self.url, retry=Retry(NoBackoff(), 0), **options)
+        return redis.cluster.RedisCluster.from_url(
+            self._real_url(), retry=Retry(NoBackoff(), 0), **self._redis_options()
+        )
 
     def _async_client(self) -> Any:
         if self._server is not None:
@@ -227,14 +235,8 @@ class Backend:
             return fakeredis.FakeAsyncRedis(
                 server=self._server, decode_responses=True, max_connections=self.max_connections
             )
-        options = self._redis_options()
-        retry = AsyncRetry(NoBackoff(), 0)
-        if self._parts.scheme.endswith("+cluster"):
-            return redis.asyncio.cluster.RedisCluster.from_url(
-                self._real_url(), retry=retry, **options
-            )
-        return redis.asyncio.Redis.from_url(
-            self.url, max_connections=self.max_connections, retry=retry, **options
+        return redis.asyncio.cluster.RedisCluster.from_url(
+            self._real_url(), retry=AsyncRetry(NoBackoff(), 0), **self._redis_options()
         )
 
     def close(self) -> None:

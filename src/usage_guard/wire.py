@@ -1,0 +1,358 @@
+"""A lean Redis client for the hot path: one command, one reply, RESP2 through hiredis.
+
+Used for ``redis://`` and ``rediss://`` URLs. redis-py spends about 30 µs of
+Python per call in its pool, retry and callback layers; these clients pack the
+command with ``hiredis.pack_command``, write it and parse the reply with a
+``hiredis.Reader``, so a call costs the round trip and little else.
+
+* :class:`SocketScripts` (sync) keeps a stack of idle blocking sockets, so
+  threads never share one. A socket that failed or timed out is closed, never
+  reused: a late reply would be read as the answer to the next call.
+* :class:`PipelinedScripts` (asyncio) multiplexes every task of an event loop
+  on one connection: commands are written as they come and replies resolve
+  their callers in order, so concurrent calls share round trips instead of
+  queueing for pooled connections.
+
+Neither retries anything (a timed-out script may have run, and a retry would
+count twice). Errors are redis-py's exception classes, so callers treat both
+clients alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import hiredis
+from redis.connection import parse_url
+from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .scripts import SHAS, SOURCES
+
+#: Bytes read from a socket at a time; the hot path's replies are far smaller.
+READ_SIZE = 65536
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a ``redis://`` or ``rediss://`` URL points and how a session there starts."""
+
+    host: str
+    port: int
+    tls: ssl.SSLContext | None
+    #: Packed AUTH / SELECT commands sent first on every new connection.
+    handshake: tuple[bytes, ...]
+    timeout: float
+
+    @classmethod
+    def from_url(cls, url: str, timeout: float) -> Endpoint:
+        options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+        tls = None
+        if url.startswith("rediss://"):
+            tls = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+            if options.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
+                tls.check_hostname = False
+                tls.verify_mode = ssl.CERT_NONE
+        handshake = []
+        if options.get("password") is not None:
+            credentials = (options.get("username") or "default", options["password"])
+            handshake.append(pack("AUTH", *credentials))
+        if options.get("db"):
+            handshake.append(pack("SELECT", options["db"]))
+        return cls(
+            host=options.get("host", "localhost"),
+            port=int(options.get("port", 6379)),
+            tls=tls,
+            handshake=tuple(handshake),
+            timeout=timeout,
+        )
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def pack(*args: str | int) -> bytes:
+    """One command in RESP (hiredis' stub types the tuple as one element)."""
+    return cast(bytes, hiredis.pack_command(cast(Any, args)))
+
+
+def evalsha(script: str, keys: list[str], args: list[str | int]) -> bytes:
+    return pack("EVALSHA", SHAS[script], len(keys), *keys, *args)
+
+
+def eval_source(script: str, keys: list[str], args: list[str | int]) -> bytes:
+    """EVAL of the whole source: runs the script and caches it on the server again."""
+    return pack("EVAL", SOURCES[script], len(keys), *keys, *args)
+
+
+def is_noscript(reply: Any) -> bool:
+    return isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
+
+
+def checked(reply: Any) -> Any:
+    """The reply, or the error it carries raised under redis-py's name for it."""
+    if isinstance(reply, ResponseError):
+        message = str(reply)
+        if message.startswith("NOSCRIPT"):
+            raise NoScriptError(message)
+        if message.startswith(("NOAUTH", "WRONGPASS")):
+            raise AuthenticationError(message)
+        raise reply
+    return reply
+
+
+def _new_reader() -> hiredis.Reader:
+    return hiredis.Reader(replyError=ResponseError, encoding="utf-8")
+
+
+class _Socket:
+    """One blocking connection; after any error it is unusable and the caller closes it."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        try:
+            sock = socket.create_connection((endpoint.host, endpoint.port), endpoint.timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if endpoint.tls is not None:
+                sock = endpoint.tls.wrap_socket(sock, server_hostname=endpoint.host)
+        except TimeoutError as error:
+            raise RedisTimeoutError(f"connecting to Redis at {endpoint} timed out") from error
+        except OSError as error:
+            raise RedisConnectionError(f"cannot connect to Redis at {endpoint}: {error}") from error
+        self.sock = sock
+        self.reader = _new_reader()
+        try:
+            for command in endpoint.handshake:
+                checked(self.call(command))
+        except BaseException:
+            self.close()
+            raise
+
+    def call(self, command: bytes) -> Any:
+        try:
+            self.sock.sendall(command)
+            reply = self.reader.gets()
+            while reply is False:
+                data = self.sock.recv(READ_SIZE)
+                if not data:
+                    raise RedisConnectionError("Redis closed the connection")
+                self.reader.feed(data)
+                reply = self.reader.gets()
+        except TimeoutError as error:
+            raise RedisTimeoutError("Redis did not answer within the timeout") from error
+        except (OSError, hiredis.ProtocolError) as error:
+            raise RedisConnectionError(f"lost the connection to Redis: {error}") from error
+        return reply
+
+    def run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
+        reply = self.call(evalsha(script, keys, args))
+        if is_noscript(reply):
+            reply = self.call(eval_source(script, keys, args))
+        return reply
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class SocketScripts:
+    """Runs the package's scripts over plain sockets, one EVALSHA per call (sync)."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self._idle: list[_Socket] = []
+        self._pid = os.getpid()
+
+    def run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
+        return checked(self._use(lambda connection: connection.run(script, keys, args)))
+
+    def command(self, *args: str | int) -> Any:
+        """Any other command, e.g. ``command("HGET", key, field)``."""
+        return checked(self._use(lambda connection: connection.call(pack(*args))))
+
+    def _use(self, exchange: Callable[[_Socket], T]) -> T:
+        if self._pid != os.getpid():
+            # A forked child must not talk on its parent's sockets.
+            self._idle, self._pid = [], os.getpid()
+        try:
+            connection = self._idle.pop()
+        except IndexError:
+            connection = _Socket(self.endpoint)
+        try:
+            result = exchange(connection)
+        except BaseException:
+            connection.close()
+            raise
+        self._idle.append(connection)
+        return result
+
+    def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
+
+class _Multiplexed(asyncio.Protocol):
+    """One asyncio connection carrying many calls; replies come back in request order.
+
+    Timeouts are kept by one watchdog timer per connection rather than one timer
+    per call (which would cost about 2 µs a call): it wakes when the oldest
+    waiting call is due, and as replies come in order, a late oldest call means
+    the connection is stuck and every call on it fails.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.loop = loop
+        self.timeout = timeout
+        self.reader = _new_reader()
+        #: Each call's future and the loop time by which its reply is due.
+        self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        try:
+            reply = self.reader.gets()
+            while reply is not False:
+                waiter = self.waiting.popleft()[0]
+                if not waiter.done():
+                    waiter.set_result(reply)
+                reply = self.reader.gets()
+        except hiredis.ProtocolError as error:
+            self.abort(RedisConnectionError(f"unreadable reply from Redis: {error}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.abort(RedisConnectionError("lost the connection to Redis"))
+
+    def abort(self, error: Exception) -> None:
+        """Close the connection and fail every call still waiting on it."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        while self.waiting:
+            waiter = self.waiting.popleft()[0]
+            if not waiter.done():
+                waiter.set_exception(error)
+
+    def send(self, command: bytes) -> asyncio.Future[Any]:
+        """Write one command; the future gets its reply (an error reply as a value)."""
+        if self.closed:
+            raise RedisConnectionError("lost the connection to Redis")
+        assert self.transport is not None
+        waiter = self.loop.create_future()
+        self.transport.write(command)
+        due = self.loop.time() + self.timeout
+        self.waiting.append((waiter, due))
+        if self._watchdog is None:
+            self._watchdog = self.loop.call_at(due, self._watch)
+        return waiter
+
+    def _watch(self) -> None:
+        self._watchdog = None
+        if not self.waiting:
+            return
+        due = self.waiting[0][1]
+        if due <= self.loop.time():
+            self.abort(RedisTimeoutError("Redis did not answer within the timeout"))
+        else:
+            self._watchdog = self.loop.call_at(due, self._watch)
+
+    async def run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
+        reply = await self.send(evalsha(script, keys, args))
+        if is_noscript(reply):
+            reply = await self.send(eval_source(script, keys, args))
+        return reply
+
+
+class PipelinedScripts:
+    """Runs the package's scripts for every task of an event loop on one connection."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self._connection: _Multiplexed | None = None
+        self._connecting: asyncio.Task[_Multiplexed] | None = None
+
+    async def run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
+        connection = self._connection
+        if (
+            connection is None
+            or connection.closed
+            or connection.loop is not asyncio.get_running_loop()
+        ):
+            connection = await self._connect()
+        return checked(await connection.run(script, keys, args))
+
+    async def command(self, *args: str | int) -> Any:
+        """Any other command, e.g. ``await command("HGET", key, field)``."""
+        connection = self._connection
+        if (
+            connection is None
+            or connection.closed
+            or connection.loop is not asyncio.get_running_loop()
+        ):
+            connection = await self._connect()
+        return checked(await connection.send(pack(*args)))
+
+    async def _connect(self) -> _Multiplexed:
+        loop = asyncio.get_running_loop()
+        connecting = self._connecting
+        if connecting is None or connecting.get_loop() is not loop:
+            # Concurrent first calls wait for one connection instead of opening many.
+            connecting = self._connecting = loop.create_task(self._open(loop))
+        try:
+            return await asyncio.shield(connecting)
+        finally:
+            if connecting.done() and self._connecting is connecting:
+                self._connecting = None
+
+    async def _open(self, loop: asyncio.AbstractEventLoop) -> _Multiplexed:
+        endpoint = self.endpoint
+        try:
+            transport, connection = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _Multiplexed(loop, endpoint.timeout),
+                    endpoint.host,
+                    endpoint.port,
+                    ssl=endpoint.tls,
+                    server_hostname=endpoint.host if endpoint.tls else None,
+                ),
+                endpoint.timeout,
+            )
+        except asyncio.TimeoutError as error:
+            raise RedisTimeoutError(f"connecting to Redis at {endpoint} timed out") from error
+        except OSError as error:
+            raise RedisConnectionError(f"cannot connect to Redis at {endpoint}: {error}") from error
+        # uvloop may call connection_made() only after create_connection() has returned.
+        connection.transport = transport
+        try:
+            for command in endpoint.handshake:
+                checked(await connection.send(command))
+        except BaseException:
+            connection.abort(RedisConnectionError("the connection's handshake failed"))
+            raise
+        stale, self._connection = self._connection, connection
+        # A connection of another loop is left to it: only its own loop may close it.
+        if stale is not None and stale.loop is loop:
+            stale.abort(RedisConnectionError("replaced by a new connection"))
+        return connection
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None and connection.loop is asyncio.get_running_loop():
+            connection.abort(RedisConnectionError("the client is closed"))

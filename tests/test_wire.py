@@ -1,0 +1,372 @@
+"""The lean clients of ``redis://`` and ``rediss://``: replies reach their callers, a failed
+connection is never reused, and URLs carry passwords, databases and TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from conftest import free_port, wait_for
+from usage_guard import BackendUnavailable, Plan, UsageGuard
+from usage_guard.periods import Period, utc_now
+from usage_guard.wire import Endpoint, PipelinedScripts, SocketScripts
+
+PLANS = {"free": Plan("free", {"emails": 1_000_000, "ai_tokens": 1_000_000})}
+TIMEOUT = 0.3
+
+
+class ScriptedServer:
+    """A loopback server that answers each command with ``reply(connection_no, command_no)``
+    after ``delay(connection_no, command_no)`` seconds: a Redis that misbehaves on cue."""
+
+    def __init__(
+        self,
+        reply: Callable[[int, int], bytes],
+        delay: Callable[[int, int], float] = lambda c, n: 0.0,
+    ) -> None:
+        self.reply, self.delay = reply, delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn, self.connections), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, number: int) -> None:
+        count = 0
+        with conn:
+            buffer = b""
+            while True:
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                buffer += data
+                while b"\r\n" in buffer and _complete(buffer):
+                    size = _command_size(buffer)
+                    buffer = buffer[size:]
+                    count += 1
+                    threading.Event().wait(self.delay(number, count))
+                    try:
+                        conn.sendall(self.reply(number, count))
+                    except OSError:
+                        return
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _command_size(buffer: bytes) -> int:
+    """Length of the first RESP array of bulk strings in ``buffer`` (a client command)."""
+    end = buffer.index(b"\r\n")
+    items, at = int(buffer[1:end]), end + 2
+    for _ in range(items):
+        end = buffer.index(b"\r\n", at)
+        at = end + 2 + int(buffer[at + 1 : end]) + 2
+    return at
+
+
+def _complete(buffer: bytes) -> bool:
+    try:
+        return _command_size(buffer) <= len(buffer)
+    except ValueError:
+        return False
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[..., ScriptedServer]]:
+    servers: list[ScriptedServer] = []
+
+    def start(*args: Any) -> ScriptedServer:
+        servers.append(ScriptedServer(*args))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def counting(connection: int, command: int) -> bytes:
+    """Replies ``connection * 1000 + command``: who answered what is visible."""
+    return f":{connection * 1000 + command}\r\n".encode()
+
+
+def late_first_reply(connection: int, command: int) -> float:
+    return 3 * TIMEOUT if (connection, command) == (1, 1) else 0.0
+
+
+def endpoint(port: int) -> Endpoint:
+    return Endpoint.from_url(f"redis://127.0.0.1:{port}/0", TIMEOUT)
+
+
+def test_a_sync_socket_that_timed_out_is_never_reused(
+    scripted: Callable[..., ScriptedServer],
+) -> None:
+    server = scripted(counting, late_first_reply)
+    runner = SocketScripts(endpoint(server.port))
+    with pytest.raises(redis.TimeoutError):
+        runner.command("PING")
+    # Had the late reply (1001) been left on a reused socket, it would answer this call.
+    assert runner.command("PING") == 2001
+    assert runner.command("PING") == 2002
+    runner.close()
+
+
+def test_an_async_connection_that_timed_out_fails_its_calls_and_is_replaced(
+    scripted: Callable[..., ScriptedServer],
+) -> None:
+    server = scripted(counting, late_first_reply)
+    runner = PipelinedScripts(endpoint(server.port))
+
+    async def scenario() -> list[Any]:
+        try:
+            first = await asyncio.gather(
+                runner.command("PING"), runner.command("PING"), return_exceptions=True
+            )
+            return [*first, await runner.command("PING"), await runner.command("PING")]
+        finally:
+            await runner.close()
+
+    results = asyncio.run(scenario())
+    assert [type(r) for r in results[:2]] == [redis.TimeoutError, redis.TimeoutError]
+    assert results[2:] == [2001, 2002]
+
+
+def test_an_unreadable_reply_is_a_connection_error(
+    scripted: Callable[..., ScriptedServer],
+) -> None:
+    server = scripted(lambda c, n: b"!garbage\r\n")
+    with pytest.raises(redis.ConnectionError):
+        SocketScripts(endpoint(server.port)).command("PING")
+    runner = PipelinedScripts(endpoint(server.port))
+
+    async def ping() -> Any:
+        try:
+            return await runner.command("PING")
+        finally:
+            await runner.close()
+
+    with pytest.raises(redis.ConnectionError):
+        asyncio.run(ping())
+
+
+def test_error_replies_are_raised_and_leave_the_connection_in_use(
+    scripted: Callable[..., ScriptedServer],
+) -> None:
+    server = scripted(lambda c, n: b"-ERR wrong\r\n" if n == 1 else counting(c, n))
+    runner = SocketScripts(endpoint(server.port))
+    with pytest.raises(redis.ResponseError, match="ERR wrong"):
+        runner.command("GET")
+    assert runner.command("PING") == 1002  # the same connection, still in step
+    runner.close()
+
+
+def test_a_guard_runs_on_successive_event_loops(scripted: Callable[..., ScriptedServer]) -> None:
+    server = scripted(counting)
+    runner = PipelinedScripts(endpoint(server.port))
+
+    async def ping(close: bool) -> Any:
+        try:
+            return await runner.command("PING")
+        finally:
+            if close:
+                await runner.close()
+
+    with warnings.catch_warnings():
+        # The first loop ends without closing its connection: only that loop could have.
+        warnings.simplefilter("ignore", ResourceWarning)
+        assert asyncio.run(ping(close=False)) == 1001
+        # A new loop (a new TestClient, a second asyncio.run) gets its own connection.
+        assert asyncio.run(ping(close=True)) == 2001
+        gc.collect()
+
+
+@pytest.mark.real_redis
+def test_concurrent_async_calls_share_one_connection_and_each_gets_its_reply(
+    redis_process: Any,
+) -> None:
+    guard = UsageGuard.from_url(redis_process.url, plans=PLANS, default_plan="free")
+    orgs = [f"org{i}" for i in range(300)]
+
+    async def scenario() -> list[int]:
+        try:
+            decisions = await asyncio.gather(
+                *(guard.aio.consume(org, "emails", i + 1) for i, org in enumerate(orgs))
+            )
+            with redis.Redis(port=redis_process.port) as observer:
+                assert observer.info("clients")["connected_clients"] == 2  # observer + guard
+            return [d.used for d in decisions]
+        finally:
+            await guard.aio.aclose()
+
+    assert asyncio.run(scenario()) == list(range(1, 301))
+    guard.close()
+
+
+@pytest.mark.real_redis
+def test_scripts_are_loaded_again_after_a_flush(redis_process: Any) -> None:
+    guard = UsageGuard.from_url(redis_process.url, plans=PLANS, default_plan="free")
+    guard.consume("acme", "emails")
+    with redis.Redis(port=redis_process.port) as admin:
+        admin.script_flush()
+
+    async def consume_async() -> int:
+        try:
+            return (await guard.aio.consume("acme", "emails")).used
+        finally:
+            await guard.aio.aclose()
+
+    assert guard.consume("acme", "emails").used == 2
+    admin = redis.Redis(port=redis_process.port)
+    admin.script_flush()
+    assert asyncio.run(consume_async()) == 3
+    admin.close()
+    guard.close()
+
+
+@pytest.mark.real_redis
+def test_a_forked_child_opens_its_own_socket(redis_process: Any) -> None:
+    guard = UsageGuard.from_url(redis_process.url, plans=PLANS, default_plan="free")
+    guard.consume("acme", "emails")  # leaves an idle socket in the parent
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only if its answer is its own
+        try:
+            os._exit(0 if guard.consume("acme", "emails", 10).used == 11 else 1)
+        finally:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert guard.consume("acme", "emails", 100).used == 111
+    guard.close()
+
+
+def start_redis(
+    directory: Path, *options: str, tls: bool = False
+) -> tuple[subprocess.Popen[bytes], int]:
+    """A throwaway redis-server with ``options``, ready once its port accepts connections."""
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    port = free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    listen = ["--port", str(port)]
+    if tls:
+        listen = ["--port", "0", "--tls-port", str(port)]
+    server = subprocess.Popen(
+        [binary, *listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *options],
+        cwd=directory,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def accepting() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+
+    try:
+        wait_for(accepting, what=f"redis-server on {port}")
+    except BaseException:
+        server.terminate()
+        server.wait()
+        raise
+    return server, port
+
+
+def both_sides(url: str, **options: Any) -> tuple[int, int]:
+    """``used`` after one sync and one async consumption through ``url``."""
+    guard = UsageGuard.from_url(url, plans=PLANS, default_plan="free", **options)
+
+    async def consume_async() -> int:
+        try:
+            return (await guard.aio.consume("acme", "emails")).used
+        finally:
+            await guard.aio.aclose()
+
+    try:
+        return guard.consume("acme", "emails").used, asyncio.run(consume_async())
+    finally:
+        guard.close()
+
+
+@pytest.mark.real_redis
+def test_password_and_database_come_from_the_url(tmp_path: Path) -> None:
+    server, port = start_redis(tmp_path, "--requirepass", "s3cret")
+    try:
+        assert both_sides(f"redis://:s3cret@127.0.0.1:{port}/3") == (1, 2)
+        with redis.Redis(port=port, password="s3cret", db=3, decode_responses=True) as admin:
+            assert admin.get("ug:{acme}:c:emails:" + Period.containing(utc_now()).key) == "2"
+        wrong = UsageGuard.from_url(f"redis://:nope@127.0.0.1:{port}/3", plans=PLANS)
+        with pytest.raises(BackendUnavailable):
+            wrong.usage("acme")
+        assert wrong.consume("acme", "emails").scope == "unavailable"
+        wrong.close()
+    finally:
+        server.terminate()
+        server.wait()
+
+
+@pytest.mark.real_redis
+def test_rediss_verifies_the_server_certificate(tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    server, port = start_redis(
+        tmp_path / "redis",
+        "--tls-cert-file",
+        str(cert),
+        "--tls-key-file",
+        str(key),
+        "--tls-auth-clients",
+        "no",
+        tls=True,
+    )
+    try:
+        assert both_sides(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}") == (1, 2)
+        assert both_sides(f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=none") == (3, 4)
+        # Without the CA the self-signed certificate is refused: an outage, not a connection.
+        untrusted = UsageGuard.from_url(f"rediss://127.0.0.1:{port}/0", plans=PLANS)
+        assert untrusted.consume("acme", "emails").scope == "unavailable"
+        untrusted.close()
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def test_endpoint_reads_the_url() -> None:
+    plain = Endpoint.from_url("redis://127.0.0.1:6380", 1.0)
+    assert (plain.host, plain.port, plain.tls, plain.handshake) == ("127.0.0.1", 6380, None, ())
+    full = Endpoint.from_url("rediss://alice:pw@cache.example:7000/2", 1.0)
+    assert (full.host, full.port, full.tls is not None) == ("cache.example", 7000, True)
+    assert full.handshake == (
+        b"*3\r\n$4\r\nAUTH\r\n$5\r\nalice\r\n$2\r\npw\r\n",
+        b"*2\r\n$6\r\nSELECT\r\n$1\r\n2\r\n",
+    )
