@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {
     "usage_guard (Starlette)": "bench.http_bench_app:app",
+    "usage_guard, no RateLimit fields (Starlette)": "bench.http_bench_app:app_without_fields",
     "reference one-EVALSHA (Starlette)": "apps.ref_evalsha_mw:app",
     "slowapi ASGI middleware (Starlette)": "apps.slowapi_starlette_asgi:app",
 }
@@ -105,7 +106,7 @@ def report(rows: dict[str, dict[str, object]]) -> None:
         value = result.get("req_s_median", result.get("req_s"))
         return float(value) if value is not None else None
 
-    ours, reference, slowapi = (rows[name] for name in TARGETS)
+    ours, without_fields, reference, slowapi = (rows[name] for name in TARGETS)
     print("| app | in-process req/s | cmds/req | uvicorn+wrk req/s |")
     print("| --- | --- | --- | --- |")
     for name, row in rows.items():
@@ -118,10 +119,13 @@ def report(rows: dict[str, dict[str, object]]) -> None:
             f"({in_process.get('redis_breakdown_per_req')}) | "
             f"{'n/a (wrk not installed)' if wrk is None else f'{wrk:,.0f}'} |"
         )
-    for mode in ("in_process", "wrk"):
-        mine, ref, peer = rate(ours, mode), rate(reference, mode), rate(slowapi, mode)
-        if mine and ref and peer:
-            print(f"{mode}: {mine / ref:.2f}x the reference, {mine / peer:.2f}x slowapi")
+    for label, guarded in (("usage_guard", ours), ("no RateLimit fields", without_fields)):
+        for mode in ("in_process", "wrk"):
+            mine, ref, peer = rate(guarded, mode), rate(reference, mode), rate(slowapi, mode)
+            if mine and ref and peer:
+                print(
+                    f"{label}, {mode}: {mine / ref:.2f}x the reference, {mine / peer:.2f}x slowapi"
+                )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The guarded target of ``http_bench.py``: a bare Starlette route behind UsageGuardMiddleware.
 
 One identified request = one ``api_calls`` consumption = one EVALSHA (async side).
+``app`` answers with the RateLimit fields (the default), ``app_without_fields`` without.
 Limits are set so high that nothing is denied, as in the peers of the shared harness.
 """
 
@@ -28,6 +29,10 @@ async def index(request: Request) -> JSONResponse:
     return JSONResponse({"ok": True})
 
 
-app = UsageGuardMiddleware(
-    Starlette(routes=[Route("/", index)]), guard=guard, identify=from_headers("x-org-id", None)
+bare = Starlette(routes=[Route("/", index)])
+app = UsageGuardMiddleware(bare, guard=guard, identify=from_headers("x-org-id", None))
+#: The same guard without the RateLimit fields on admitted responses, which the peers
+#: do not send either (slowapi's ``headers_enabled`` is off by default).
+app_without_fields = UsageGuardMiddleware(
+    bare, guard=guard, identify=from_headers("x-org-id", None), ratelimit_headers=False
 )

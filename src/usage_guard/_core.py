@@ -104,14 +104,20 @@ class Engine:
         self._period_cache: tuple[Period, float, float, float] | None = None
         self._default_plan = default_plan or ""
         # Per metric, the spec the scripts read its cap, reset and every plan's limit from.
-        self._specs = {
-            m.name: f"{1 if m.monthly else 0}:{catalog.percent_admitted(m)}:{history_months}\n"
-            + "".join(
-                f"{plan.name}={'' if (lim := plan.limit(m.name)) is None else lim}\n"
-                for plan in self.plans.by_name.values()
-            )
-            for m in catalog
-        }
+        self._specs = {m.name: self._spec(m, history_months) for m in catalog}
+
+    def _spec(self, metric: Metric, history_months: int) -> str:
+        """What the scripts need to know of a metric: see the header of ``lua/_lib.lua``."""
+        percent = self.catalog.percent_admitted(metric)
+        spec = f"{1 if metric.monthly else 0}:{percent}:{history_months}\n"
+        for plan in self.plans.by_name.values():
+            limit = plan.limit(metric.name)
+            if limit is None:
+                spec += f"{plan.name}=-\n"
+            else:
+                first_threshold = -(-limit * 80 // 100)  # 80 %, rounded up as the scripts do
+                spec += f"{plan.name}={limit}:{admitted(limit, percent)}:{first_threshold}\n"
+        return spec
 
     def _backend_policy(
         self, policy: BackendErrorPolicy | Mapping[str, BackendErrorPolicy]

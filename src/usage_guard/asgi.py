@@ -159,6 +159,8 @@ class UsageGuardMiddleware:
             self.catalog[rule.metric]
         self.meter = meter
         self.amount = amount
+        #: What every identified request consumes before rules add theirs (never mutated).
+        self._metered: Mapping[str, int] = {} if meter is None else {meter: amount}
         self.exclude = ExcludedPaths(exclude)
         self.require_identity = require_identity
         self.status_code = status_code
@@ -191,7 +193,7 @@ class UsageGuardMiddleware:
             return
         decision: Decision | None = None
         try:
-            amounts = self._amounts(scope["method"], path)
+            amounts = self._amounts(scope["method"], path) if self.rules else self._metered
             if self.rate_limits is not None and amounts:
                 limited = await self.rate_limits.ahit(who.org, amounts)
                 if limited is not None:
@@ -212,7 +214,7 @@ class UsageGuardMiddleware:
         await self._call_app(scope, receive, send, who, decision)
 
     def _amounts(self, method: str, path: str) -> dict[str, int]:
-        amounts = {} if self.meter is None else {self.meter: self.amount}
+        amounts = dict(self._metered)
         for rule in self.rules:
             if rule.matches(method, path):
                 amounts[rule.metric] = amounts.get(rule.metric, 0) + rule.amount

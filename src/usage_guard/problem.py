@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 
-from .catalog import Catalog, Metric
+from .catalog import Catalog
 from .decision import Decision
 from .periods import Period, iso_utc
 
@@ -49,23 +49,24 @@ def policy_fields(decision: Decision, catalog: Catalog, now: datetime) -> Header
     """
     if decision.quota is None:
         return []
-    window, unit = _policy_parts(catalog[decision.metric], decision.resets_at)
-    name = f'"{decision.metric}"'
     remaining = decision.remaining if decision.allowed and decision.remaining else 0
-    current = f"{name};r={remaining}"
+    current = f'"{decision.metric}";r={remaining}'
     if decision.resets_at is not None:
         current += f";t={seconds_until(decision.resets_at, now)}"
-    policy = f"{name};q={decision.quota}{window}{unit}"
+    policy = _policy(
+        decision.metric, catalog[decision.metric].unit, decision.quota, decision.resets_at
+    )
     return [("ratelimit-policy", policy), ("ratelimit", current)]
 
 
 @lru_cache(maxsize=1024)
-def _policy_parts(metric: Metric, resets_at: datetime | None) -> tuple[str, str]:
-    """The ``;w=`` (the month's real length) and ``;ug-unit=`` parameters: the same for
-    every decision of a metric in a period, so built once (this is on every response)."""
+def _policy(metric: str, unit: str, quota: int, resets_at: datetime | None) -> str:
+    """``RateLimit-Policy``: the same for every decision of a budget in a period, so built
+    once (this is on every response; plain keys, as hashing a Metric costs more than
+    the build). ``w`` is the month's real length."""
     window = "" if resets_at is None else f";w={Period.containing(resets_at).shift(-1).seconds}"
-    unit = f';ug-unit="{metric.unit}"' if metric.unit and metric.name != "api_calls" else ""
-    return window, unit
+    unit = f';ug-unit="{unit}"' if unit and metric != "api_calls" else ""
+    return f'"{metric}";q={quota}{window}{unit}'
 
 
 def detail(decision: Decision, catalog: Catalog) -> str:

@@ -8,7 +8,9 @@
 --   default plan ('' for none), ARGV[4] mode, ARGV[5] user id ('' for none), then
 --   four per metric: name, amount, personal (1/0: counted for USER) and its spec,
 --   "<monthly 1/0>:<percent of the limit admitted>:<months of history kept>\n"
---   followed by "<plan>=<limit>\n" for every configured plan ('' = unlimited).
+--   followed by "<plan>=<limit>:<quota>:<80 % threshold>\n" for every configured plan
+--   ("<plan>=-\n" = unlimited): the client computes what a plan's limit implies once,
+--   so a call only scales a limit that an org overrides.
 --   Few arguments on purpose: clients pack every one of them on every call.
 -- Lua numbers are doubles: every value stays within 0..2^53-1 (MAX), and
 -- limits are scaled from their decimal strings so the arithmetic stays exact.
@@ -47,15 +49,11 @@ local function scaled(limit, percent, round_up)
   return value
 end
 
--- A plan's limit in a metric's spec: the digits after "\n<plan>=" ('' = unlimited),
--- nil when the plan is not configured.
-local function plan_limit(spec, plan)
+-- Where a plan's entry starts in a metric's spec (after "\n<plan>="), nil when the plan
+-- is not configured.
+local function plan_at(spec, plan)
   local at = string.find(spec, '\n' .. plan .. '=', 1, true)
-  if not at then
-    return nil
-  end
-  local from = at + #plan + 2
-  return string.sub(spec, from, string.find(spec, '\n', from, true) - 1)
+  return at and at + #plan + 2
 end
 
 -- The metrics of the call, with their org limit resolved: override, else plan, else none.
@@ -68,7 +66,7 @@ local function load_metrics()
   local stored = redis.call('HMGET', KEYS[1], unpack(fields))
   local plan, unknown_plan = DEFAULT_PLAN, ''
   if stored[1] and stored[1] ~= DEFAULT_PLAN then
-    if plan_limit(ARGV[9], stored[1]) then
+    if plan_at(ARGV[9], stored[1]) then
       plan = stored[1]
     else
       unknown_plan = stored[1]
@@ -78,22 +76,32 @@ local function load_metrics()
   for i = 1, NMETRICS do
     local at = 2 + 4 * i
     local spec = ARGV[at + 3]
-    local monthly, percent, keep = string.match(spec, '^(%d):(%d+):(%d+)')
-    local limit = stored[i + 1]
-    if not limit and plan ~= '' then
-      limit = plan_limit(spec, plan)
-    end
-    if limit == '' or limit == 'null' then
-      limit = false
-    end
+    -- limit false: unlimited; quota: the most admitted; alert: the first threshold (80 %).
     local m = {
       name = ARGV[at], amount = tonumber(ARGV[at + 1]), personal = ARGV[at + 2] == '1',
-      monthly = monthly == '1', keep = tonumber(keep), key = KEYS[2 + 2 * i],
-      other = KEYS[3 + 2 * i], limit = false, limit_text = limit, quota = MAX,
+      monthly = string.byte(spec) == 49, key = KEYS[2 + 2 * i], other = KEYS[3 + 2 * i],
+      limit = false, limit_text = false, quota = MAX, alert = MAX,
     }
-    if limit then
-      m.limit = tonumber(limit)
-      m.quota = scaled(limit, tonumber(percent), false)
+    local override = stored[i + 1]
+    if override then
+      if override ~= '' and override ~= 'null' then
+        local percent = tonumber(string.match(spec, '^%d:(%d+)'))
+        m.limit, m.limit_text = tonumber(override), override
+        m.quota, m.alert = scaled(override, percent, false), scaled(override, 80, true)
+      end
+    elseif plan ~= '' then
+      local from = plan_at(spec, plan)
+      local limit, quota, alert
+      if from then
+        limit, quota, alert = string.match(spec, '^(%d+):(%d+):(%d+)', from)
+      end
+      if limit then
+        m.limit, m.limit_text = tonumber(limit), limit
+        m.quota, m.alert = tonumber(quota), tonumber(alert)
+      end
+    end
+    if not m.monthly then
+      m.keep = tonumber(string.match(spec, '^%d:%d+:(%d+)'))
     end
     metrics[i] = m
   end
@@ -128,7 +136,7 @@ end
 -- per period in KEYS[3]; appended to reply as name, threshold, used, limit.
 local function reach_thresholds(m, used, reply)
   -- Most calls stay below the first threshold: they need no read of the thresholds hash.
-  if not m.limit or m.limit == 0 or used < scaled(m.limit_text, 80, true) then
+  if not m.limit or m.limit == 0 or used < m.alert then
     return
   end
   local fired = tonumber(redis.call('HGET', KEYS[3], m.name) or '0')

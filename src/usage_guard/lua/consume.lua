@@ -18,12 +18,15 @@ if FLAGS == 'i' then
 end
 
 local metrics, unknown_plan = load_metrics()
-local budgets, fields, personal = {}, {}, false
-for i, m in ipairs(metrics) do
-  fields[i] = USER .. ':' .. m.name
+local budgets, personal = {}, false
+for _, m in ipairs(metrics) do
   personal = personal or m.personal
 end
 if personal then
+  local fields = {}
+  for i, m in ipairs(metrics) do
+    fields[i] = USER .. ':' .. m.name
+  end
   budgets = redis.call('HMGET', KEYS[2], unpack(fields))
 end
 
