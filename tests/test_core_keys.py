@@ -232,3 +232,44 @@ def test_one_consumption_is_one_evalsha(redis_process: Any) -> None:
     changed = {name for name, calls in delta.items() if calls}
     assert delta["cmdstat_evalsha"] == 11
     assert changed - script_commands() == {"cmdstat_evalsha", "cmdstat_info"}
+
+
+def snapshot(guard: UsageGuard) -> dict[str, tuple[Any, bool]]:
+    """Every key of the guard with its value and whether it expires."""
+    client = raw_client(guard)
+    return {
+        key: (
+            client.hgetall(key) if client.type(key) == "hash" else client.get(key),
+            client.ttl(key) > 0,
+        )
+        for key in keys_of(guard)
+    }
+
+
+def test_a_denied_consumption_leaves_every_key_as_it_was(make_guard: MakeGuard) -> None:
+    # Consumption counts first and takes back on denial: nothing of that may show.
+    limits = {"emails": 10, "contacts": 10, "ai_tokens": 1000, "import_rows": 1000}
+    guard = make_guard(
+        plans={"free": Plan("free", {**limits, "enrichments": 0})}, default_plan="free"
+    )
+    guard.consume("acme", "emails", 9)
+    guard.consume("acme", "contacts", 4)
+    guard.set_budget("acme", "alice", "ai_tokens", 10)
+    before = snapshot(guard)
+    denials = [
+        guard.consume("acme", "enrichments", 5, user="alice"),  # limit 0, no key yet
+        guard.consume("acme", {"emails": 1, "import_rows": 2000}),  # the second is over
+        guard.consume("acme", {"import_rows": 1, "emails": 2}),  # a new key, then a denial
+        guard.consume("acme", "ai_tokens", 50, user="alice"),  # over her budget
+        guard.consume("acme", "ai_tokens", 5000, user="bob"),  # over the org's limit
+        guard.consume("acme", "contacts", 20),  # cumulative, over 110 %
+    ]
+    assert [(d.allowed, d.metric, d.scope, d.used) for d in denials] == [
+        (False, "enrichments", "organization", 0),
+        (False, "import_rows", "organization", 0),
+        (False, "emails", "organization", 9),
+        (False, "ai_tokens", "personal", 0),
+        (False, "ai_tokens", "organization", 0),
+        (False, "contacts", "organization", 4),
+    ]
+    assert snapshot(guard) == before

@@ -109,6 +109,16 @@ def test_null_limit_admits_everything_and_still_counts(guard: UsageGuard) -> Non
     assert guard.usage("acme").meters["contacts"].used == 2**53 - 1
 
 
+def test_counters_stop_at_2_53_minus_1_and_a_denial_reports_them_exactly(
+    guard: UsageGuard,
+) -> None:
+    guard.consume("acme", "api_calls", 4)
+    # 4 + 2**53 - 1 has no exact double: the script reports the counter as Redis holds it.
+    denied = guard.consume("acme", "api_calls", 2**53 - 1, user="alice")
+    assert (denied.allowed, denied.scope, denied.used) == (False, "organization", 4)
+    assert guard.usage("acme").meters["api_calls"].used == 4
+
+
 def test_a_metric_the_plan_leaves_out_is_unlimited_and_counted(guard: UsageGuard) -> None:
     decision = guard.consume("acme", "api_calls", 5_000_000)
     assert decision.allowed and decision.limit is None and decision.used == 5_000_000

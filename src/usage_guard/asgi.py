@@ -13,6 +13,7 @@ import inspect
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from starlette.requests import Request
@@ -54,10 +55,16 @@ class from_headers:
         org = user = None
         for name, value in scope["headers"]:
             if name == self._org_raw:
-                org = value.decode("latin-1")
+                org = value
             elif name == self._user_raw:
-                user = value.decode("latin-1")
-        return None if org is None else Subject(org, user)
+                user = value
+        return None if org is None else _subject_of(org, user)
+
+
+@lru_cache(maxsize=4096)
+def _subject_of(org: bytes, user: bytes | None) -> Subject:
+    """The Subject of raw header values: the same few callers come again and again."""
+    return Subject(org.decode("latin-1"), None if user is None else user.decode("latin-1"))
 
 
 class from_state:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
 from .subject import Subject
@@ -21,30 +20,24 @@ if TYPE_CHECKING:
 AnyGuard = Union["UsageGuard", "AsyncUsageGuard"]
 
 
-@dataclass(frozen=True, slots=True)
-class Binding:
-    subject: Subject | None
-    guard: AnyGuard | None
-
-
-# Binding is frozen, so one shared default is safe.
-_UNBOUND = Binding(None, None)
-_binding: ContextVar[Binding] = ContextVar("usage_guard_binding", default=_UNBOUND)
+#: The current subject and guard. A plain tuple: it is made on every request.
+Binding = tuple["Subject | None", "AnyGuard | None"]
+_binding: ContextVar[Binding] = ContextVar("usage_guard_binding", default=(None, None))
 
 
 def current_subject() -> Subject | None:
     """The org and user the current request or ``with subject(...)`` block acts for."""
-    return _binding.get().subject
+    return _binding.get()[0]
 
 
 def current_guard() -> AnyGuard | None:
     """The guard bound by the integration or ``with subject(..., guard=...)``."""
-    return _binding.get().guard
+    return _binding.get()[1]
 
 
 def bind(who: Subject | None, guard: AnyGuard | None) -> Token[Binding]:
     """Set the current subject and guard; undo with :func:`unbind`."""
-    return _binding.set(Binding(who, guard))
+    return _binding.set((who, guard))
 
 
 def unbind(token: Token[Binding]) -> None:

@@ -273,12 +273,6 @@ class _Multiplexed(asyncio.Protocol):
         else:
             self._watchdog = self.loop.call_at(due, self._watch)
 
-    async def run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
-        reply = await self.send(evalsha(script, keys, args))
-        if is_noscript(reply):
-            reply = await self.send(eval_source(script, keys, args))
-        return reply
-
 
 class PipelinedScripts:
     """Runs the package's scripts for every task of an event loop on one connection."""
@@ -296,7 +290,10 @@ class PipelinedScripts:
             or connection.loop is not asyncio.get_running_loop()
         ):
             connection = await self._connect()
-        return checked(await connection.run(script, keys, args))
+        reply = await connection.send(evalsha(script, keys, args))
+        if is_noscript(reply):
+            reply = await connection.send(eval_source(script, keys, args))
+        return checked(reply)
 
     async def command(self, *args: str | int) -> Any:
         """Any other command, e.g. ``await command("HGET", key, field)``."""

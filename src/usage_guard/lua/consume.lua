@@ -30,34 +30,78 @@ if personal then
   budgets = redis.call('HMGET', KEYS[2], unpack(fields))
 end
 
+-- Counting comes first and checking after: the reply of INCRBY is the read, so an
+-- admitted call costs no GET. A denial takes back what this call counted (a script runs
+-- alone, so nobody sees the difference). 'check' and amounts of 0 only read.
+local counting = MODE ~= 'check'
+
+-- Undo the counts of metrics 1..upto; returns metric upto's org and own values as they were.
+local function take_back(upto)
+  local used, own
+  for i = 1, upto do
+    local m = metrics[i]
+    if m.counted then
+      used = redis.call('DECRBY', m.key, m.amount)
+      if used == 0 then
+        redis.call('DEL', m.key)  -- it was made by this call: no key stays without its TTL
+      end
+      if m.personal then
+        own = redis.call('DECRBY', m.other, m.amount)
+        if own == 0 then
+          redis.call('DEL', m.other)
+        end
+      end
+    else
+      used, own = m.used, m.own
+    end
+  end
+  return used, own
+end
+
 -- The personal budget is checked before the org limit: it names the scope of a denial.
+-- used / own: the values before this call (after it when counted and admitted).
 for i, m in ipairs(metrics) do
-  if m.personal then
+  local used, own
+  if counting and m.amount > 0 then
+    m.counted = true
+    m.used = redis.call('INCRBY', m.key, m.amount)
+    used = m.used - m.amount
+    if m.personal then
+      m.own = redis.call('INCRBY', m.other, m.amount)
+      own = m.own - m.amount
+    end
+  elseif m.personal then
     local counters = redis.call('MGET', m.key, m.other)
     m.used, m.own = tonumber(counters[1] or '0'), tonumber(counters[2] or '0')
-    m.budget = budgets[i] and tonumber(budgets[i])
-    if m.budget and not fits(m.own, m.amount, m.budget) then
-      return {0, m.name, 'personal', m.own, m.budget, m.budget, unknown_plan}
-    end
+    used, own = m.used, m.own
   else
     m.used = tonumber(redis.call('GET', m.key) or '0')
+    used = m.used
   end
-  if not fits(m.used, m.amount, m.quota) then
-    return {0, m.name, 'organization', m.used, m.limit or -1, m.limit and m.quota or -1,
+  if m.personal then
+    m.budget = budgets[i] and tonumber(budgets[i])
+    if m.budget and not fits(own, m.amount, m.budget) then
+      local _, before = take_back(i)
+      return {0, m.name, 'personal', before, m.budget, m.budget, unknown_plan}
+    end
+  end
+  if not fits(used, m.amount, m.quota) then
+    local before = take_back(i)
+    return {0, m.name, 'organization', before, m.limit or -1, m.limit and m.quota or -1,
             unknown_plan}
   end
 end
 
-if MODE ~= 'check' then
-  for _, m in ipairs(metrics) do
-    if m.amount > 0 then
-      m.used = add(m.key, m.amount, m.monthly)
-      if m.personal then
-        m.own = add(m.other, m.amount, true)
-      end
-      if not m.monthly then
-        remember(m.other, m.used, m.keep)
-      end
+for _, m in ipairs(metrics) do
+  if m.counted then
+    if m.monthly and m.used == m.amount then
+      redis.call('EXPIRE', m.key, TTL)  -- a new counter lives as long as its history
+    end
+    if m.personal and m.own == m.amount then
+      redis.call('EXPIRE', m.other, TTL)
+    end
+    if not m.monthly then
+      remember(m.other, m.used, m.keep)
     end
   end
 end
