@@ -7,6 +7,8 @@ In one run, interleaved so machine noise hits both sides alike:
   keys sharing a hash tag), sync and asyncio, on the same server;
 * ``UsageGuard.consume`` and ``AsyncUsageGuard.consume`` of one metric with a
   user (a plan limit and a personal counter), and without one (sync);
+* the asyncio pair again with 32 tasks calling at once: the floor's redis-py
+  pool against the guard's one multiplexed connection;
 * the same on ``memory://`` next to fakeredis running the floor script;
 * Redis commands per consumption from ``INFO commandstats`` deltas;
 * ``MEMORY USAGE`` of one org with all 12 metrics used for 6 months.
@@ -72,19 +74,37 @@ def bench_pair(
     report(label, floors, guards)
 
 
+async def per_call_us_concurrent(fn: Callable[[], Awaitable[object]], n: int, tasks: int) -> float:
+    """µs per call of ``n`` calls made by ``tasks`` tasks at once (throughput, not latency)."""
+
+    async def worker() -> None:
+        for _ in range(n // tasks):
+            await fn()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(tasks)))
+    return (time.perf_counter() - start) / (n // tasks * tasks) * 1e6
+
+
 async def bench_pair_async(
     label: str,
     floor: Callable[[], Awaitable[object]],
     guarded: Callable[[], Awaitable[object]],
     n: int,
     rounds: int,
+    tasks: int = 1,
 ) -> None:
+    async def measure(fn: Callable[[], Awaitable[object]], count: int) -> float:
+        if tasks == 1:
+            return await per_call_us_async(fn, count)
+        return await per_call_us_concurrent(fn, count, tasks)
+
     for fn in (floor, guarded):
-        await per_call_us_async(fn, n // 10)
+        await measure(fn, n // 10)
     floors, guards = [], []
     for _ in range(rounds):
-        floors.append(await per_call_us_async(floor, n))
-        guards.append(await per_call_us_async(guarded, n))
+        floors.append(await measure(floor, n))
+        guards.append(await measure(guarded, n))
     report(label, floors, guards)
 
 
@@ -187,6 +207,14 @@ def main() -> None:
                 lambda: aguard.consume("bench-org", "ai_tokens", 1, user="alice"),
                 n,
                 rounds,
+            )
+            await bench_pair_async(
+                "real Redis, asyncio, 32 tasks at once (µs per call of the batch)",
+                lambda: afloor(keys=keys, args=args),
+                lambda: aguard.consume("bench-org", "ai_tokens", 1, user="alice"),
+                n,
+                rounds,
+                tasks=32,
             )
             await aclient.aclose()
             await aguard.aclose()

@@ -326,7 +326,7 @@ def test_password_and_database_come_from_the_url(tmp_path: Path) -> None:
 
 
 @pytest.mark.real_redis
-def test_rediss_verifies_the_server_certificate(tmp_path: Path) -> None:
+def test_rediss_verifies_certificates_both_ways(tmp_path: Path) -> None:
     if shutil.which("openssl") is None:
         pytest.fail("openssl is needed to make a test certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -345,17 +345,23 @@ def test_rediss_verifies_the_server_certificate(tmp_path: Path) -> None:
         str(cert),
         "--tls-key-file",
         str(key),
+        "--tls-ca-cert-file",
+        str(cert),
         "--tls-auth-clients",
-        "no",
+        "yes",
         tls=True,
     )
+    url = f"rediss://127.0.0.1:{port}/0?ssl_certfile={cert}&ssl_keyfile={key}"
     try:
-        assert both_sides(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}") == (1, 2)
-        assert both_sides(f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=none") == (3, 4)
-        # Without the CA the self-signed certificate is refused: an outage, not a connection.
-        untrusted = UsageGuard.from_url(f"rediss://127.0.0.1:{port}/0", plans=PLANS)
-        assert untrusted.consume("acme", "emails").scope == "unavailable"
-        untrusted.close()
+        # The server's certificate checked against a given CA, or not checked at all.
+        assert both_sides(f"{url}&ssl_ca_certs={cert}") == (1, 2)
+        assert both_sides(f"{url}&ssl_cert_reqs=none") == (3, 4)
+        # Refused, so an outage rather than a connection: the self-signed certificate
+        # without its CA, and a client without the certificate this server asks for.
+        for refused in (url, f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}"):
+            untrusted = UsageGuard.from_url(refused, plans=PLANS)
+            assert untrusted.consume("acme", "emails").scope == "unavailable"
+            untrusted.close()
     finally:
         server.terminate()
         server.wait()

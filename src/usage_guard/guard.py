@@ -64,6 +64,8 @@ class UsageGuard:
         ``timeout`` (seconds) bounds connecting and every reply; past it, or with
         Redis down, ``on_backend_error`` decides: ``"allow"`` (default) or
         ``"deny"``, or a mapping of metric to either (unlisted metrics allow).
+        ``max_connections`` caps the async calls in flight on ``redis+cluster://``
+        and ``memory://`` (``redis://`` multiplexes one connection per event loop).
         """
         engine = Engine(
             plans=plans,

@@ -63,6 +63,8 @@ class Endpoint:
             if options.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
                 tls.check_hostname = False
                 tls.verify_mode = ssl.CERT_NONE
+            if options.get("ssl_certfile"):  # a client certificate, for mutual TLS
+                tls.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
         handshake = []
         if options.get("password") is not None:
             credentials = (options.get("username") or "default", options["password"])
@@ -283,13 +285,7 @@ class PipelinedScripts:
         self._connecting: asyncio.Task[_Multiplexed] | None = None
 
     async def run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
-        connection = self._connection
-        if (
-            connection is None
-            or connection.closed
-            or connection.loop is not asyncio.get_running_loop()
-        ):
-            connection = await self._connect()
+        connection = self._live_connection() or await self._connect()
         reply = await connection.send(evalsha(script, keys, args))
         if is_noscript(reply):
             reply = await connection.send(eval_source(script, keys, args))
@@ -297,14 +293,15 @@ class PipelinedScripts:
 
     async def command(self, *args: str | int) -> Any:
         """Any other command, e.g. ``await command("HGET", key, field)``."""
-        connection = self._connection
-        if (
-            connection is None
-            or connection.closed
-            or connection.loop is not asyncio.get_running_loop()
-        ):
-            connection = await self._connect()
+        connection = self._live_connection() or await self._connect()
         return checked(await connection.send(pack(*args)))
+
+    def _live_connection(self) -> _Multiplexed | None:
+        """The connection of the running loop, if it has one that works."""
+        connection = self._connection
+        if connection is None or connection.closed:
+            return None
+        return connection if connection.loop is asyncio.get_running_loop() else None
 
     async def _connect(self) -> _Multiplexed:
         loop = asyncio.get_running_loop()
