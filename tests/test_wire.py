@@ -202,6 +202,38 @@ def test_a_guard_runs_on_successive_event_loops(scripted: Callable[..., Scripted
         gc.collect()
 
 
+def test_event_loops_in_two_threads_each_keep_their_connection(
+    scripted: Callable[..., ScriptedServer],
+) -> None:
+    server = scripted(counting)
+    runner = PipelinedScripts(endpoint(server.port))
+    replies: dict[str, list[int]] = {}
+
+    def thread(name: str) -> None:
+        async def calls() -> list[int]:
+            try:
+                got = []
+                for _ in range(50):
+                    got.append(await runner.command("PING"))
+                    await asyncio.sleep(0)  # let the other thread's loop call in between
+                return got
+            finally:
+                await runner.close()
+
+        replies[name] = asyncio.run(calls())
+
+    threads = [threading.Thread(target=thread, args=(name,)) for name in ("a", "b")]
+    for worker in threads:
+        worker.start()
+    for worker in threads:
+        worker.join(timeout=10)
+    # One connection per loop, each answering its own calls in order: no reconnects.
+    assert server.connections == 2
+    for got in replies.values():
+        connection = got[0] // 1000
+        assert got == [connection * 1000 + n for n in range(1, 51)]
+
+
 @pytest.mark.real_redis
 def test_concurrent_async_calls_share_one_connection_and_each_gets_its_reply(
     redis_process: Any,

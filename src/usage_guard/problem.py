@@ -49,24 +49,27 @@ def policy_fields(decision: Decision, catalog: Catalog, now: datetime) -> Header
     """
     if decision.quota is None:
         return []
-    remaining = decision.remaining if decision.allowed and decision.remaining else 0
-    current = f'"{decision.metric}";r={remaining}'
-    if decision.resets_at is not None:
-        current += f";t={seconds_until(decision.resets_at, now)}"
-    policy = _policy(
+    policy, reset = _policy(
         decision.metric, catalog[decision.metric].unit, decision.quota, decision.resets_at
     )
+    remaining = decision.remaining if decision.allowed and decision.remaining else 0
+    current = f'"{decision.metric}";r={remaining}'
+    if reset is not None:
+        current += f";t={max(0, math.ceil(reset - now.timestamp()))}"
     return [("ratelimit-policy", policy), ("ratelimit", current)]
 
 
 @lru_cache(maxsize=1024)
-def _policy(metric: str, unit: str, quota: int, resets_at: datetime | None) -> str:
-    """``RateLimit-Policy``: the same for every decision of a budget in a period, so built
-    once (this is on every response; plain keys, as hashing a Metric costs more than
-    the build). ``w`` is the month's real length."""
+def _policy(
+    metric: str, unit: str, quota: int, resets_at: datetime | None
+) -> tuple[str, float | None]:
+    """``RateLimit-Policy`` and the reset as a timestamp: the same for every decision of a
+    budget in a period, so built once (this is on every response; plain keys, as hashing
+    a Metric costs more than the build). ``w`` is the month's real length."""
     window = "" if resets_at is None else f";w={Period.containing(resets_at).shift(-1).seconds}"
     unit = f';ug-unit="{unit}"' if unit and metric != "api_calls" else ""
-    return f'"{metric}";q={quota}{window}{unit}'
+    reset = None if resets_at is None else resets_at.timestamp()
+    return f'"{metric}";q={quota}{window}{unit}', reset
 
 
 def detail(decision: Decision, catalog: Catalog) -> str:

@@ -24,6 +24,7 @@ import asyncio
 import os
 import socket
 import ssl
+from asyncio import get_running_loop
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -277,15 +278,23 @@ class _Multiplexed(asyncio.Protocol):
 
 
 class PipelinedScripts:
-    """Runs the package's scripts for every task of an event loop on one connection."""
+    """Runs the package's scripts for every task of an event loop on one connection.
+
+    Each event loop gets its own connection (a transport belongs to one loop), so
+    loops in several threads, or one after another, each keep theirs.
+    """
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
+        #: The connection used last: the fast path while one loop does all the calls.
         self._connection: _Multiplexed | None = None
-        self._connecting: asyncio.Task[_Multiplexed] | None = None
+        self._by_loop: dict[asyncio.AbstractEventLoop, _Multiplexed] = {}
+        self._connecting: dict[asyncio.AbstractEventLoop, asyncio.Task[_Multiplexed]] = {}
 
     async def run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
-        connection = self._live_connection() or await self._connect()
+        connection = self._connection
+        if connection is None or connection.closed or connection.loop is not get_running_loop():
+            connection = await self._connect()
         reply = await connection.send(evalsha(script, keys, args))
         if is_noscript(reply):
             reply = await connection.send(eval_source(script, keys, args))
@@ -293,27 +302,24 @@ class PipelinedScripts:
 
     async def command(self, *args: str | int) -> Any:
         """Any other command, e.g. ``await command("HGET", key, field)``."""
-        connection = self._live_connection() or await self._connect()
-        return checked(await connection.send(pack(*args)))
-
-    def _live_connection(self) -> _Multiplexed | None:
-        """The connection of the running loop, if it has one that works."""
-        connection = self._connection
-        if connection is None or connection.closed:
-            return None
-        return connection if connection.loop is asyncio.get_running_loop() else None
+        return checked(await (await self._connect()).send(pack(*args)))
 
     async def _connect(self) -> _Multiplexed:
-        loop = asyncio.get_running_loop()
-        connecting = self._connecting
-        if connecting is None or connecting.get_loop() is not loop:
+        """The running loop's connection, opened if it has none that works."""
+        loop = get_running_loop()
+        connection = self._by_loop.get(loop)
+        if connection is not None and not connection.closed:
+            self._connection = connection
+            return connection
+        connecting = self._connecting.get(loop)
+        if connecting is None:
             # Concurrent first calls wait for one connection instead of opening many.
-            connecting = self._connecting = loop.create_task(self._open(loop))
+            connecting = self._connecting[loop] = loop.create_task(self._open(loop))
         try:
             return await asyncio.shield(connecting)
         finally:
-            if connecting.done() and self._connecting is connecting:
-                self._connecting = None
+            if connecting.done() and self._connecting.get(loop) is connecting:
+                del self._connecting[loop]
 
     async def _open(self, loop: asyncio.AbstractEventLoop) -> _Multiplexed:
         endpoint = self.endpoint
@@ -340,13 +346,21 @@ class PipelinedScripts:
         except BaseException:
             connection.abort(RedisConnectionError("the connection's handshake failed"))
             raise
-        stale, self._connection = self._connection, connection
-        # A connection of another loop is left to it: only its own loop may close it.
-        if stale is not None and stale.loop is loop:
+        stale = self._by_loop.get(loop)
+        if stale is not None:
             stale.abort(RedisConnectionError("replaced by a new connection"))
+        # Loops that ended without closing theirs: nothing can close a transport of a
+        # closed loop, so their connections are dropped (the socket goes with them).
+        self._by_loop = {
+            other: kept for other, kept in self._by_loop.items() if not other.is_closed()
+        }
+        self._by_loop[loop] = self._connection = connection
         return connection
 
     async def close(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None and connection.loop is asyncio.get_running_loop():
+        """Close the running loop's connection (another loop's is left to that loop)."""
+        connection = self._by_loop.pop(get_running_loop(), None)
+        if connection is not None:
+            if self._connection is connection:
+                self._connection = None
             connection.abort(RedisConnectionError("the client is closed"))
