@@ -360,6 +360,21 @@ def test_monthly_counters_reset_at_midnight_utc_on_the_first(guard: Any, clock: 
     assert fresh.resets_at == datetime(2027, 1, 1, tzinfo=timezone.utc)
 
 
+def test_prepared_consumptions_follow_the_month_and_a_full_cache(
+    guard: Any, clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A one-metric consume reuses its keys and arguments per (org, metric, user) and month.
+    monkeypatch.setattr("usage_guard._core.PREPARED_SIZE", 2)
+    for month in (11, 12):
+        clock.set(2026, month, 15)
+        for org in ("acme", "globex", "initech"):  # three entries: the cache starts afresh
+            for user in (None, "alice"):
+                assert guard.consume(org, "ai_tokens", 10, user=user).allowed
+            assert guard.consume(org, "ai_tokens", 5, user="alice").used == 25
+            assert guard.usage(org).meters["ai_tokens"].used == 25
+            assert guard.usage(org, "alice").personal["ai_tokens"].used == 15
+
+
 def test_cumulative_metrics_never_reset(guard: Any, clock: Any) -> None:
     clock.set(2026, 11, 30, 23, 59, 59, 999999)
     guard.consume("acme", "contacts", 8)

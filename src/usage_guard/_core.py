@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,24 @@ class Call(Generic[T]):
     args: list[str | int]
     parse: Callable[[Any], tuple[T, Events]]
     fallback: Callable[[], T] | None = None
+
+
+#: Single-metric consumptions prepared at once, per (org, metric, user); past it the
+#: cache starts afresh (a prepared call is rebuilt in microseconds).
+PREPARED_SIZE = 4096
+# Where a consume call's arguments hold the keys' TTL and the amount (see lua/_lib.lua).
+_TTL_ARG, _AMOUNT_ARG = 1, 6
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A single-metric consumption built for one period: keys, arguments, reply readers."""
+
+    period: Period
+    keys: list[str]
+    args: list[str | int]
+    parse: Callable[[Any], tuple[Decision, Events]]
+    fallback: Callable[[], Decision]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +121,7 @@ class Engine:
         self.outage = False
         self._warned_plans: set[tuple[str, str]] = set()
         self._period_cache: tuple[Period, float, float, float] | None = None
+        self._prepared: dict[tuple[str, str, str | None], _Prepared] = {}
         self._default_plan = default_plan or ""
         # Per metric, the spec the scripts read its cap, reset and every plan's limit from.
         self._specs = {m.name: self._spec(m, history_months) for m in catalog}
@@ -133,9 +153,13 @@ class Engine:
 
     # -- time ---------------------------------------------------------------------------
 
+    def timestamp(self) -> float:
+        """Now by the engine's clock, in seconds since the epoch."""
+        return time.time() if self.clock is utc_now else self.clock().timestamp()
+
     def now(self) -> tuple[Period, int]:
         """The current period and the TTL (s) of its keys: until it leaves the history window."""
-        now = self.clock().timestamp()
+        now = self.timestamp()
         cached = self._period_cache
         if cached is None or not cached[1] <= now < cached[2]:
             period = Period.containing(self.clock())
@@ -146,7 +170,7 @@ class Engine:
 
     def ttl(self, period: Period) -> int:
         expires = period.shift(self.history_months).start.timestamp()
-        return max(1, math.ceil(expires - self.clock().timestamp()))
+        return max(1, math.ceil(expires - self.timestamp()))
 
     # -- requests -----------------------------------------------------------------------
 
@@ -194,6 +218,14 @@ class Engine:
         idempotency_key: str | None = None,
         check: bool = False,
     ) -> Call[Decision]:
+        if (
+            type(metric) is str
+            and type(org) is str
+            and (user is None or type(user) is str)
+            and idempotency_key is None
+            and not check
+        ):
+            return self._consume_one(org, metric, amount, user)
         items = self.amounts(metric, amount)
         period, ttl = self.now()
         space = KeySpace.of(self.prefix, org)
@@ -208,6 +240,38 @@ class Engine:
             lambda reply: self._decision(org, period, reply),
             lambda: self._unavailable(items, period),
         )
+
+    def _consume_one(self, org: str, metric: str, amount: int, user: str | None) -> Call[Decision]:
+        """The common consumption, one metric by name: its keys, spec and reply readers are
+        built once per (org, metric, user) and month; a call sets only TTL and amount."""
+        prepared = self._prepared.get((org, metric, user))
+        if prepared is None:
+            self.catalog[metric]  # an unknown metric is named before a bad amount
+        check_value(amount)
+        period, ttl = self.now()
+        if prepared is None or prepared.period is not period:
+            prepared = self._prepare(org, metric, user, period)
+        args = prepared.args.copy()
+        args[_TTL_ARG] = ttl
+        args[_AMOUNT_ARG] = amount
+        return Call("consume", prepared.keys, args, prepared.parse, prepared.fallback)
+
+    def _prepare(self, org: str, metric: str, user: str | None, period: Period) -> _Prepared:
+        items = [(self.catalog[metric], 0)]
+        keys, args = self._script_args(
+            KeySpace.of(self.prefix, org), user, items, period, 0, "consume"
+        )
+        prepared = _Prepared(
+            period,
+            keys,
+            args,
+            lambda reply: self._decision(org, period, reply),
+            lambda: self._unavailable(items, period),
+        )
+        if len(self._prepared) >= PREPARED_SIZE:
+            self._prepared.clear()
+        self._prepared[org, metric, user] = prepared
+        return prepared
 
     def reserve(
         self, org: str, metric: str | Amounts, amount: int, *, user: str | None

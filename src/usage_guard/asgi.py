@@ -24,7 +24,13 @@ from .aio import AsyncUsageGuard
 from .context import AnyGuard, bind, unbind
 from .decision import Decision
 from .errors import InvalidIdentifier, UsageLimitExceeded
-from .problem import INVALID_IDENTITY, UNAUTHORIZED, Problem, policy_fields, quota_exceeded
+from .problem import (
+    INVALID_IDENTITY,
+    UNAUTHORIZED,
+    Problem,
+    quota_exceeded,
+    raw_policy_fields,
+)
 from .ratelimit import RateLimits
 from .subject import Subject
 
@@ -154,7 +160,7 @@ class UsageGuardMiddleware:
         self.guard = guard
         self.aguard = guard if isinstance(guard, AsyncUsageGuard) else guard.aio
         self.catalog = self.aguard.catalog
-        self.clock = self.aguard.engine.clock
+        self.engine = self.aguard.engine
         self.identify = identify
         self._identify_scope: Callable[[Scope], Identity] | None = getattr(
             identify, "from_scope", None
@@ -228,17 +234,14 @@ class UsageGuardMiddleware:
         return amounts
 
     def _denial(self, decision: Decision) -> Problem:
-        return quota_exceeded(decision, self.catalog, self.clock(), status=self.status_code)
+        return quota_exceeded(decision, self.catalog, self.engine.clock(), status=self.status_code)
 
     async def _call_app(
         self, scope: Scope, receive: Receive, send: Send, who: Subject, decision: Decision | None
     ) -> None:
         extra: list[tuple[bytes, bytes]] = []
-        if self.ratelimit_headers and decision is not None and decision.quota is not None:
-            extra = [
-                (name.encode(), value.encode())
-                for name, value in policy_fields(decision, self.catalog, self.clock())
-            ]
+        if self.ratelimit_headers and decision is not None:
+            extra = raw_policy_fields(decision, self.catalog, self.engine.timestamp())
         started = False
 
         async def send_with_fields(message: Message) -> None:

@@ -47,29 +47,46 @@ def policy_fields(decision: Decision, catalog: Catalog, now: datetime) -> Header
     current month (absent for cumulative metrics), ``t`` the seconds until the
     reset (rounded up); every metric but ``api_calls`` names its unit in ``ug-unit``.
     """
-    if decision.quota is None:
+    return [
+        (name.decode(), value.decode())
+        for name, value in raw_policy_fields(decision, catalog, now.timestamp())
+    ]
+
+
+def raw_policy_fields(
+    decision: Decision, catalog: Catalog, now: float
+) -> list[tuple[bytes, bytes]]:
+    """:func:`policy_fields` as ASGI sends them, for ``now`` in seconds since the epoch.
+
+    Built on every admitted response, so everything but ``r`` and ``t`` is cached.
+    """
+    quota = decision.quota
+    if quota is None:
         return []
-    policy, reset = _policy(
-        decision.metric, catalog[decision.metric].unit, decision.quota, decision.resets_at
+    policy, name, reset = _policy(
+        decision.metric, catalog[decision.metric].unit, quota, decision.resets_at
     )
     remaining = decision.remaining if decision.allowed and decision.remaining else 0
-    current = f'"{decision.metric}";r={remaining}'
-    if reset is not None:
-        current += f";t={max(0, math.ceil(reset - now.timestamp()))}"
-    return [("ratelimit-policy", policy), ("ratelimit", current)]
+    if reset is None:
+        return [(b"ratelimit-policy", policy), (b"ratelimit", b"%s;r=%d" % (name, remaining))]
+    left = max(0, math.ceil(reset - now))
+    return [
+        (b"ratelimit-policy", policy),
+        (b"ratelimit", b"%s;r=%d;t=%d" % (name, remaining, left)),
+    ]
 
 
 @lru_cache(maxsize=1024)
 def _policy(
     metric: str, unit: str, quota: int, resets_at: datetime | None
-) -> tuple[str, float | None]:
-    """``RateLimit-Policy`` and the reset as a timestamp: the same for every decision of a
-    budget in a period, so built once (this is on every response; plain keys, as hashing
-    a Metric costs more than the build). ``w`` is the month's real length."""
+) -> tuple[bytes, bytes, float | None]:
+    """``RateLimit-Policy``, the quoted metric name and the reset as a timestamp: the same
+    for every decision of a budget in a period (plain keys: hashing a Metric costs more
+    than the build). ``w`` is the month's real length."""
     window = "" if resets_at is None else f";w={Period.containing(resets_at).shift(-1).seconds}"
     unit = f';ug-unit="{unit}"' if unit and metric != "api_calls" else ""
     reset = None if resets_at is None else resets_at.timestamp()
-    return f'"{metric}";q={quota}{window}{unit}', reset
+    return f'"{metric}";q={quota}{window}{unit}'.encode(), f'"{metric}"'.encode(), reset
 
 
 def detail(decision: Decision, catalog: Catalog) -> str:
