@@ -97,40 +97,45 @@ def wait_for(check: Callable[[], bool], timeout: float = 10.0, what: str = "cond
 
 
 class RedisProcess:
-    """A throwaway redis-server on a free loopback port, stopped by the test process."""
+    """A throwaway redis-server on loopback, stopped by the test process.
 
-    def __init__(self, directory: Path, *extra: str) -> None:
+    ``port`` defaults to a free one (give the port of a stopped server to replace it);
+    with ``tls`` the port speaks TLS only (pass the ``--tls-*`` files in ``extra``).
+    Ready once the port accepts connections, so it also suits servers wanting a password.
+    """
+
+    def __init__(
+        self, directory: Path, *extra: str, port: int | None = None, tls: bool = False
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        self.port = free_port()
+        self.port = port or free_port()
+        listen = (
+            ["--port", "0", "--tls-port", str(self.port)] if tls else ["--port", str(self.port)]
+        )
         directory.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [
                 binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(directory),
+                *listen,
+                *("--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
+                *("--dir", str(directory)),
                 *extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port, socket_timeout=0.5)
+
+        def accepting() -> bool:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+
         try:
-            wait_for(lambda: bool(client.ping()), what=f"redis-server on {self.port}")
+            wait_for(accepting, what=f"redis-server on {self.port}")
         except TimeoutError:
             self.stop()
             raise
-        finally:
-            client.close()
 
     @property
     def url(self) -> str:

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import socket
-import subprocess
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 
+from conftest import RedisProcess
 from usage_guard import BackendUnavailable, Decision, Plan, UsageGuard, UsageLimitExceeded
 
 PLANS = {"free": Plan("free", {"emails": 10, "ai_tokens": 1000})}
@@ -114,27 +112,6 @@ def test_the_async_guard_gives_up_after_the_timeout_too(blackhole: Blackhole) ->
     assert guard.engine.backend_errors == 1
 
 
-def start_server(port: int, directory: Any) -> subprocess.Popen[bytes]:
-    binary = shutil.which("redis-server")
-    assert binary is not None
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=directory,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    with redis.Redis(port=port, socket_timeout=0.5) as client:
-        for _ in range(500):
-            try:
-                if client.ping():
-                    return process
-            except redis.ConnectionError:
-                threading.Event().wait(0.02)
-    process.terminate()
-    process.wait()
-    raise RuntimeError(f"redis-server did not start on {port}")
-
-
 def test_the_guard_recovers_when_redis_is_back(
     redis_process: Any, tmp_path: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -143,17 +120,15 @@ def test_the_guard_recovers_when_redis_is_back(
     caplog.set_level(logging.WARNING, logger="usage_guard")
     redis_process.stop()
     assert guard.consume("acme", "emails").scope == "unavailable"
-    replacement = start_server(redis_process.port, tmp_path)
+    replacement = RedisProcess(tmp_path, port=redis_process.port)
     try:
         # A new, empty server: the script is loaded again (NOSCRIPT) and counting restarts.
         back = guard.consume("acme", "emails", 2)
         assert (back.allowed, back.scope, back.used) == (True, "organization", 2)
         assert any("reachable again" in r.getMessage() for r in caplog.records)
-        replacement.terminate()
-        replacement.wait()
+        replacement.stop()
         assert guard.consume("acme", "emails").scope == "unavailable"
         assert len(outage_errors(caplog)) == 2  # once per outage
     finally:
-        replacement.terminate()
-        replacement.wait()
+        replacement.stop()
         guard.close()

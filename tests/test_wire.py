@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import redis
 
-from conftest import free_port, wait_for
+from conftest import RedisProcess
 from usage_guard import BackendUnavailable, Plan, UsageGuard
 from usage_guard.periods import Period, utc_now
 from usage_guard.wire import Endpoint, PipelinedScripts, SocketScripts
@@ -293,37 +293,6 @@ def test_a_forked_child_opens_its_own_socket(redis_process: Any) -> None:
     guard.close()
 
 
-def start_redis(
-    directory: Path, *options: str, tls: bool = False
-) -> tuple[subprocess.Popen[bytes], int]:
-    """A throwaway redis-server with ``options``, ready once its port accepts connections."""
-    binary = shutil.which("redis-server")
-    assert binary is not None
-    port = free_port()
-    directory.mkdir(parents=True, exist_ok=True)
-    listen = ["--port", str(port)]
-    if tls:
-        listen = ["--port", "0", "--tls-port", str(port)]
-    server = subprocess.Popen(
-        [binary, *listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *options],
-        cwd=directory,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def accepting() -> bool:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-
-    try:
-        wait_for(accepting, what=f"redis-server on {port}")
-    except BaseException:
-        server.terminate()
-        server.wait()
-        raise
-    return server, port
-
-
 def both_sides(url: str, **options: Any) -> tuple[int, int]:
     """``used`` after one sync and one async consumption through ``url``."""
     guard = UsageGuard.from_url(url, plans=PLANS, default_plan="free", **options)
@@ -342,7 +311,8 @@ def both_sides(url: str, **options: Any) -> tuple[int, int]:
 
 @pytest.mark.real_redis
 def test_password_and_database_come_from_the_url(tmp_path: Path) -> None:
-    server, port = start_redis(tmp_path, "--requirepass", "s3cret")
+    server = RedisProcess(tmp_path, "--requirepass", "s3cret")
+    port = server.port
     try:
         assert both_sides(f"redis://:s3cret@127.0.0.1:{port}/3") == (1, 2)
         with redis.Redis(port=port, password="s3cret", db=3, decode_responses=True) as admin:
@@ -353,8 +323,7 @@ def test_password_and_database_come_from_the_url(tmp_path: Path) -> None:
         assert wrong.consume("acme", "emails").scope == "unavailable"
         wrong.close()
     finally:
-        server.terminate()
-        server.wait()
+        server.stop()
 
 
 @pytest.mark.real_redis
@@ -371,7 +340,7 @@ def test_rediss_verifies_certificates_both_ways(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
-    server, port = start_redis(
+    server = RedisProcess(
         tmp_path / "redis",
         "--tls-cert-file",
         str(cert),
@@ -383,6 +352,7 @@ def test_rediss_verifies_certificates_both_ways(tmp_path: Path) -> None:
         "yes",
         tls=True,
     )
+    port = server.port
     url = f"rediss://127.0.0.1:{port}/0?ssl_certfile={cert}&ssl_keyfile={key}"
     try:
         # The server's certificate checked against a given CA, or not checked at all.
@@ -395,8 +365,7 @@ def test_rediss_verifies_certificates_both_ways(tmp_path: Path) -> None:
             assert untrusted.consume("acme", "emails").scope == "unavailable"
             untrusted.close()
     finally:
-        server.terminate()
-        server.wait()
+        server.stop()
 
 
 def test_endpoint_reads_the_url() -> None:

@@ -57,13 +57,10 @@ _TTL_ARG, _AMOUNT_ARG = 1, 6
 
 @dataclass(slots=True)
 class _Prepared:
-    """A single-metric consumption built for one period: keys, arguments, reply readers."""
+    """A single-metric consumption built for one period: the call that each one copies."""
 
     period: Period
-    keys: list[str]
-    args: list[str | int]
-    parse: Callable[[Any], tuple[Decision, Events]]
-    fallback: Callable[[], Decision]
+    call: Call[Decision]
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +230,17 @@ class Engine:
         if idempotency_key is not None and not check:
             mode, extra = "idempotent", space.idempotency(idempotency_key)
         keys, args = self._script_args(space, user, items, period, ttl, mode, extra)
+        return self._consume_call(org, period, items, keys, args)
+
+    def _consume_call(
+        self,
+        org: str,
+        period: Period,
+        items: Sequence[tuple[Metric, int]],
+        keys: list[str],
+        args: list[str | int],
+    ) -> Call[Decision]:
+        """A run of consume.lua, read into a Decision (the outage policy's when Redis fails)."""
         return Call(
             "consume",
             keys,
@@ -251,23 +259,18 @@ class Engine:
         period, ttl = self.now()
         if prepared is None or prepared.period is not period:
             prepared = self._prepare(org, metric, user, period)
-        args = prepared.args.copy()
+        template = prepared.call
+        args = template.args.copy()
         args[_TTL_ARG] = ttl
         args[_AMOUNT_ARG] = amount
-        return Call("consume", prepared.keys, args, prepared.parse, prepared.fallback)
+        return Call("consume", template.keys, args, template.parse, template.fallback)
 
     def _prepare(self, org: str, metric: str, user: str | None, period: Period) -> _Prepared:
         items = [(self.catalog[metric], 0)]
         keys, args = self._script_args(
             KeySpace.of(self.prefix, org), user, items, period, 0, "consume"
         )
-        prepared = _Prepared(
-            period,
-            keys,
-            args,
-            lambda reply: self._decision(org, period, reply),
-            lambda: self._unavailable(items, period),
-        )
+        prepared = _Prepared(period, self._consume_call(org, period, items, keys, args))
         if len(self._prepared) >= PREPARED_SIZE:
             self._prepared.clear()
         self._prepared[org, metric, user] = prepared
@@ -283,14 +286,7 @@ class Engine:
         keys, args = self._script_args(
             space, user, items, period, ttl, "reserve", space.reservation(ticket.id)
         )
-        call = Call(
-            "consume",
-            keys,
-            args,
-            lambda reply: self._decision(org, period, reply),
-            lambda: self._unavailable(items, period),
-        )
-        return call, ticket
+        return self._consume_call(org, period, items, keys, args), ticket
 
     def settle(self, ticket: Ticket, actual: int | Amounts | None) -> Call[bool]:
         """``actual=None`` cancels: the estimate is refunded."""

@@ -108,17 +108,11 @@ local function load_metrics()
   return metrics, unknown_plan
 end
 
--- Add delta to a counter, never below 0; a new monthly key expires with its history window.
-local function add(key, delta, expires)
-  local value = redis.call('INCRBY', key, delta)
-  if expires and value == delta then
+-- A monthly counter that adding delta made (its value is delta) expires with its history.
+local function expire_if_new(key, value, delta)
+  if value == delta then
     redis.call('EXPIRE', key, TTL)
   end
-  if value < 0 then
-    redis.call('INCRBY', key, -value)
-    value = 0
-  end
-  return value
 end
 
 -- Record a cumulative value for this period, keeping the newest ``keep`` periods.

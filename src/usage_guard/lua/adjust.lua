@@ -3,6 +3,19 @@
 -- Reply: {done (1, or 0 for a reservation already settled), then name, threshold,
 --         used, limit for each threshold reached}.
 
+-- Add delta to a counter, never below 0.
+local function add(key, delta, monthly)
+  local value = redis.call('INCRBY', key, delta)
+  if monthly then
+    expire_if_new(key, value, delta)
+  end
+  if value < 0 then
+    redis.call('INCRBY', key, -value)
+    value = 0
+  end
+  return value
+end
+
 local metrics = load_metrics()
 local deltas = {}
 if FLAGS == 'r' then

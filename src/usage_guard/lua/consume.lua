@@ -94,11 +94,11 @@ end
 
 for _, m in ipairs(metrics) do
   if m.counted then
-    if m.monthly and m.used == m.amount then
-      redis.call('EXPIRE', m.key, TTL)  -- a new counter lives as long as its history
+    if m.monthly then
+      expire_if_new(m.key, m.used, m.amount)
     end
-    if m.personal and m.own == m.amount then
-      redis.call('EXPIRE', m.other, TTL)
+    if m.personal then
+      expire_if_new(m.other, m.own, m.amount)
     end
     if not m.monthly then
       remember(m.other, m.used, m.keep)
