@@ -30,6 +30,8 @@ PLANS = {
 }
 ALICE = {"x-org-id": "acme", "x-user-id": "alice"}
 ADMIN = {**ALICE, "x-admin": "1"}
+#: What a browser sends with a form posted by the page itself.
+BROWSER_FORM = {**ADMIN, "origin": "http://testserver", "sec-fetch-site": "same-origin"}
 HTML = {"accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
 PROBLEM = "application/problem+json"
 
@@ -181,18 +183,22 @@ def test_admin_assigns_plans_and_overrides_limits(client: TestClient, guard: Usa
 def test_html_forms_redirect_back_to_the_page(client: TestClient, guard: UsageGuard) -> None:
     form = {"user": "carol", "metric": "enrichments", "budget": "1,500"}
     response = client.post(
-        "/settings/usage/budgets", headers=ADMIN, data=form, follow_redirects=False
+        "/settings/usage/budgets", headers=BROWSER_FORM, data=form, follow_redirects=False
     )
     assert (response.status_code, response.headers["location"]) == (303, "/settings/usage/")
     assert guard.report("acme", user="carol").personal.meters[1].budget == 1_500  # type: ignore[union-attr]
 
-    client.post("/settings/usage/limits", headers=ADMIN, data={"metric": "emails", "limit": "7"})
+    client.post(
+        "/settings/usage/limits", headers=BROWSER_FORM, data={"metric": "emails", "limit": "7"}
+    )
     assert guard.report("acme").meter("emails").limit == 7
     client.post(
-        "/settings/usage/limits", headers=ADMIN, data={"metric": "emails", "action": "remove"}
+        "/settings/usage/limits",
+        headers=BROWSER_FORM,
+        data={"metric": "emails", "action": "remove"},
     )
     assert guard.report("acme").meter("emails").limit == 20_000
-    client.post("/settings/usage/plan", headers=ADMIN, data={"plan": ""})
+    client.post("/settings/usage/plan", headers=BROWSER_FORM, data={"plan": ""})
     assert guard.report("acme").plan == "free"  # the default plan
 
 
@@ -258,7 +264,10 @@ def test_callers_only_ever_see_and_change_their_own_org(
 def test_bad_input_is_a_problem_never_a_500(
     client: TestClient, method: str, path: str, kwargs: dict[str, Any], status: int
 ) -> None:
-    response = client.request(method, "/settings/usage" + path, headers=ADMIN, **kwargs)
+    headers = BROWSER_FORM if "data" in kwargs else ADMIN
+    if "content" in kwargs:
+        headers = {**headers, "content-type": "application/json"}
+    response = client.request(method, "/settings/usage" + path, headers=headers, **kwargs)
     assert response.status_code == status
     assert response.headers["content-type"] == PROBLEM
     problem = response.json()

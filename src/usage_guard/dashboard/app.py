@@ -12,18 +12,19 @@ Routes, relative to where the app is mounted (e.g. ``/settings/usage``):
   and are redirected back to the page.
 
 Errors are ``application/problem+json``: 400 for an unreadable body, 422 for
-values the guard rejects, 401 without an identity, 403 for non-admins, 503
-when Redis cannot be reached.
+values the guard rejects, 401 without an identity, 403 for non-admins and for
+cross-site requests (:mod:`usage_guard.csrf`), 415 for a body that is neither
+JSON nor an HTML form, 503 when Redis cannot be reached.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 import jinja2
 from starlette.applications import Starlette
@@ -31,6 +32,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from .. import csrf
 from ..aio import AsyncUsageGuard
 from ..catalog import DEFAULT_CATALOG, Catalog
 from ..errors import BackendUnavailable, InvalidUsage
@@ -132,6 +134,7 @@ def usage_app(
     identify: Identify,
     is_admin: IsAdmin | None = None,
     title: str = "Usage",
+    trusted_origins: Iterable[str] = (),
 ) -> Starlette:
     """The Usage page of the caller's organization, to mount at e.g. ``/settings/usage``.
 
@@ -139,8 +142,13 @@ def usage_app(
     None: 401) from the application's authentication; ``is_admin(request,
     subject)`` (sync or async; default: nobody) guards the admin endpoints.
     Either kind of guard works; the async side is used.
+
+    Requests that change anything must come from the page's own origin or one of
+    ``trusted_origins`` (``["https://app.example.com"]``), or be scripts sending
+    ``application/json`` without browser origin headers: see :mod:`usage_guard.csrf`.
     """
     aguard = guard.aio
+    origins = csrf.trusted(trusted_origins)
 
     async def caller(request: Request) -> Subject:
         subject = await _resolve(identify(request))
@@ -156,12 +164,9 @@ def usage_app(
 
     async def body_of(request: Request) -> tuple[Mapping[str, object], bool]:
         """The request's fields and whether they came from an HTML form."""
-        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         raw = await request.body()
         try:
-            if media == "application/x-www-form-urlencoded":
-                if not _same_origin(request):
-                    raise Problem(403, "Forbidden", "cross-site form submissions are refused")
+            if csrf.media_type(request.headers) == csrf.FORM:
                 # Parsed here: Starlette's request.form() needs python-multipart.
                 fields = parse_qsl(raw.decode(), keep_blank_values=True, strict_parsing=False)
                 return dict(fields), True
@@ -261,6 +266,9 @@ def usage_app(
         handler: Callable[[Request], Awaitable[Response]],
     ) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
+            refused = csrf.refusal(request.method, request.headers, origins)
+            if refused is not None:
+                return Problem(refused.status, refused.title, refused.detail).response()
             try:
                 return await handler(request)
             except Problem as problem:
@@ -286,15 +294,6 @@ def usage_app(
         Route("/budgets/{user}/{metric}", problems(delete_budget), methods=["DELETE"]),
     ]
     return Starlette(routes=routes)
-
-
-def _same_origin(request: Request) -> bool:
-    """Whether a form post came from this site. Browsers send cookies with forms that
-    other sites submit (CSRF); they also say where a request came from."""
-    if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
-        return False
-    origin = request.headers.get("origin")
-    return origin is None or urlsplit(origin).netloc == request.headers.get("host")
 
 
 def _page_path(request: Request) -> str:

@@ -1,0 +1,114 @@
+"""Cross-site request forgery: which state-changing requests the Usage page accepts.
+
+Browsers attach an admin's cookies to requests that other sites make them send:
+a ``<form>`` (``application/x-www-form-urlencoded``, ``multipart/form-data`` or
+``text/plain``) or a ``no-cors`` ``fetch`` reach the server without any CORS
+preflight. Browsers also say where such a request came from (``Origin``,
+``Sec-Fetch-Site``), and only scripts may send ``application/json``
+cross-site, after a preflight that this library never grants. So a
+state-changing request is accepted only when
+
+* its ``Origin`` is the request's own host or a configured trusted origin, or
+* with no ``Origin``, ``Sec-Fetch-Site`` says ``same-origin`` (or ``none``: typed
+  by the user), or
+* with neither header (a script, not a browser), its body is ``application/json``;
+
+and its body, if any, is JSON or an HTML form. The check is framework-free:
+every framework's Usage page calls :func:`refusal` with the request's method
+and headers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from .errors import InvalidUsage
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+JSON = "application/json"
+FORM = "application/x-www-form-urlencoded"
+
+
+class Headers(Protocol):
+    """Case-insensitive header access, as Starlette, Werkzeug and Django offer it."""
+
+    def get(self, key: str, /) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a request was refused: 403 (cross-site) or 415 (a body that is not JSON or a form)."""
+
+    status: int
+    title: str
+    detail: str
+
+
+def trusted(origins: Iterable[str]) -> frozenset[str]:
+    """Validate ``trusted_origins`` (``"https://app.example.com"``) into lowercase origins."""
+    if isinstance(origins, str):
+        raise InvalidUsage("trusted_origins must be a list of origins, not one string")
+    normalized = set()
+    for origin in origins:
+        parts = urlsplit(origin) if isinstance(origin, str) else None
+        if (
+            parts is None
+            or parts.scheme not in ("http", "https")
+            or not parts.netloc
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.fragment
+        ):
+            raise InvalidUsage(f"trusted origin {origin!r} must look like https://host[:port]")
+        normalized.add(f"{parts.scheme}://{parts.netloc}".lower())
+    return frozenset(normalized)
+
+
+def media_type(headers: Headers) -> str:
+    return (headers.get("content-type") or "").split(";")[0].strip().lower()
+
+
+def refusal(method: str, headers: Headers, trusted_origins: frozenset[str]) -> Refusal | None:
+    """``None`` when the request may change state, else why not."""
+    if method.upper() in SAFE_METHODS:
+        return None
+    origin = headers.get("origin")
+    site = headers.get("sec-fetch-site")
+    media = media_type(headers)
+    if origin is not None:
+        if not _same_host(origin, headers.get("host")) and origin.lower() not in trusted_origins:
+            return _CROSS_SITE
+    elif site is not None:
+        if site.lower() not in ("same-origin", "none"):
+            return _CROSS_SITE
+    elif media != JSON and (method.upper() == "POST" or _has_body(headers)):
+        return Refusal(
+            403,
+            "Forbidden",
+            "a request without Origin or Sec-Fetch-Site must send application/json",
+        )
+    if media not in (JSON, FORM) and (media or _has_body(headers)):
+        return Refusal(
+            415,
+            "Unsupported Media Type",
+            "send application/json, or an HTML form (application/x-www-form-urlencoded)",
+        )
+    return None
+
+
+_CROSS_SITE = Refusal(403, "Forbidden", "cross-site requests cannot change usage settings")
+
+
+def _same_host(origin: str, host: str | None) -> bool:
+    """Whether ``origin`` names the host the request was sent to (``null`` never does)."""
+    return host is not None and urlsplit(origin).netloc.lower() == host.lower()
+
+
+def _has_body(headers: Headers) -> bool:
+    length = headers.get("content-length")
+    return headers.get("transfer-encoding") is not None or (
+        length is not None and length.strip() not in ("", "0")
+    )
