@@ -31,7 +31,9 @@ import pytest
 import redis
 from starlette.testclient import TestClient
 
+from scripted import ScriptedServer
 from usage_guard import UsageGuard
+from usage_guard._runtime import Failures
 
 REDIS_URL = os.environ.get("USAGE_GUARD_REDIS_URL", "")
 CLUSTER = os.environ.get("USAGE_GUARD_CLUSTER", "") == "1"
@@ -43,6 +45,8 @@ USAGE_GUARD = str(_BESIDE_PYTHON) if _BESIDE_PYTHON.exists() else shutil.which("
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # A bug must fail its test, not hide as an outage answered by the policy.
+    Failures.reraise_unexpected = True
     if IN_CI and not (REDIS_URL and CLUSTER):
         raise pytest.UsageError(
             "CI=true needs USAGE_GUARD_REDIS_URL and USAGE_GUARD_CLUSTER=1: "
@@ -306,3 +310,16 @@ def serve() -> Iterator[Callable[..., TestClient]]:
         for guard in guards:
             client.portal.call(guard.aio.aclose)
         client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[..., ScriptedServer]]:
+    servers: list[ScriptedServer] = []
+
+    def start(*args: Any) -> ScriptedServer:
+        servers.append(ScriptedServer(*args))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()

@@ -7,11 +7,10 @@ import asyncio
 import gc
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,92 +18,13 @@ import pytest
 import redis
 
 from conftest import RedisProcess
+from scripted import ScriptedServer
 from usage_guard import BackendUnavailable, Plan, UsageGuard
 from usage_guard.periods import Period, utc_now
 from usage_guard.wire import Endpoint, PipelinedScripts, SocketScripts
 
 PLANS = {"free": Plan("free", {"emails": 1_000_000, "ai_tokens": 1_000_000})}
 TIMEOUT = 0.3
-
-
-class ScriptedServer:
-    """A loopback server that answers each command with ``reply(connection_no, command_no)``
-    after ``delay(connection_no, command_no)`` seconds: a Redis that misbehaves on cue."""
-
-    def __init__(
-        self,
-        reply: Callable[[int, int], bytes],
-        delay: Callable[[int, int], float] = lambda c, n: 0.0,
-    ) -> None:
-        self.reply, self.delay = reply, delay
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.connections = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn, self.connections), daemon=True).start()
-
-    def _serve(self, conn: socket.socket, number: int) -> None:
-        count = 0
-        with conn:
-            buffer = b""
-            while True:
-                try:
-                    data = conn.recv(65536)
-                except OSError:
-                    return
-                if not data:
-                    return
-                buffer += data
-                while b"\r\n" in buffer and _complete(buffer):
-                    size = _command_size(buffer)
-                    buffer = buffer[size:]
-                    count += 1
-                    threading.Event().wait(self.delay(number, count))
-                    try:
-                        conn.sendall(self.reply(number, count))
-                    except OSError:
-                        return
-
-    def close(self) -> None:
-        self.listener.close()
-
-
-def _command_size(buffer: bytes) -> int:
-    """Length of the first RESP array of bulk strings in ``buffer`` (a client command)."""
-    end = buffer.index(b"\r\n")
-    items, at = int(buffer[1:end]), end + 2
-    for _ in range(items):
-        end = buffer.index(b"\r\n", at)
-        at = end + 2 + int(buffer[at + 1 : end]) + 2
-    return at
-
-
-def _complete(buffer: bytes) -> bool:
-    try:
-        return _command_size(buffer) <= len(buffer)
-    except ValueError:
-        return False
-
-
-@pytest.fixture
-def scripted() -> Iterator[Callable[..., ScriptedServer]]:
-    servers: list[ScriptedServer] = []
-
-    def start(*args: Any) -> ScriptedServer:
-        servers.append(ScriptedServer(*args))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
 
 
 def counting(connection: int, command: int) -> bytes:
@@ -176,7 +96,7 @@ def test_error_replies_are_raised_and_leave_the_connection_in_use(
 ) -> None:
     server = scripted(lambda c, n: b"-ERR wrong\r\n" if n == 1 else counting(c, n))
     runner = SocketScripts(endpoint(server.port))
-    with pytest.raises(redis.ResponseError, match="ERR wrong"):
+    with pytest.raises(redis.ResponseError, match="wrong"):
         runner.command("GET")
     assert runner.command("PING") == 1002  # the same connection, still in step
     runner.close()

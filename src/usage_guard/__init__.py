@@ -8,6 +8,7 @@ from .dashboard import usage_app
 from .decision import Decision, ThresholdEvent
 from .decorator import metered
 from .errors import (
+    BackendMisconfigured,
     BackendUnavailable,
     InvalidAmount,
     InvalidIdentifier,
@@ -28,6 +29,7 @@ __all__ = [
     "DEFAULT_CATALOG",
     "AsyncReservation",
     "AsyncUsageGuard",
+    "BackendMisconfigured",
     "BackendUnavailable",
     "Catalog",
     "Decision",

@@ -15,9 +15,11 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
+from ._runtime import Failures
 from .catalog import DEFAULT_CATALOG, Catalog, Metric
 from .decision import Decision, Scope, ThresholdEvent
-from .errors import BackendUnavailable, InvalidUsage
+from .errors import BackendMisconfigured, BackendUnavailable, InvalidUsage
+from .faults import Fault
 from .keys import KeySpace, budget_field, encode_id
 from .periods import Clock, Period, utc_now
 from .plans import UNLIMITED, Plan, Plans, admitted, check_limit, check_value
@@ -114,8 +116,7 @@ class Engine:
         self.history_months = history_months
         self.deny_on_backend_error = self._backend_policy(on_backend_error)
         self.listeners: list[Listener] = []
-        self.backend_errors = 0
-        self.outage = False
+        self.failures = Failures()
         self._warned_plans: set[tuple[str, str]] = set()
         self._period_cache: tuple[Period, float, float, float] | None = None
         self._prepared: dict[tuple[str, str, str | None], _Prepared] = {}
@@ -506,23 +507,19 @@ class Engine:
                     pending.append(outcome)
         return pending
 
-    def record_failure(self, error: Exception) -> None:
-        """Count a backend failure; log it once per outage."""
-        self.backend_errors += 1
-        if not self.outage:
-            self.outage = True
-            logger.error("usage_guard: Redis unavailable (%s: %s)", type(error).__name__, error)
+    @property
+    def backend_errors(self) -> int:
+        """Calls that failed for an outage or a misconfiguration of Redis."""
+        return self.failures.backend_errors
 
     def failed(self, call: Call[T], error: Exception) -> T:
-        """Record a backend failure; answer by the call's fallback."""
-        self.record_failure(error)
+        """Record a failed call; answer by the call's fallback (the outage policy)."""
+        fault = self.failures.record(error)
         if call.fallback is None:
+            if fault is Fault.MISCONFIGURED:
+                raise BackendMisconfigured(str(error)) from error
             raise BackendUnavailable(str(error)) from error
         return call.fallback()
-
-    def recovered(self) -> None:
-        self.outage = False
-        logger.warning("usage_guard: Redis is reachable again")
 
 
 def _none(reply: Any) -> tuple[None, Events]:

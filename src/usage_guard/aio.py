@@ -9,7 +9,7 @@ from ._core import Amounts, Call, Engine, Events, Listener, ReservationBase, Tic
 from .catalog import Catalog
 from .decision import Decision
 from .report import Report
-from .storage import BACKEND_ERRORS, AsyncScriptRunner, Backend
+from .storage import AsyncScriptRunner, Backend
 from .usage import Usage
 
 if TYPE_CHECKING:
@@ -50,10 +50,10 @@ class AsyncUsageGuard:
         try:
             runner: AsyncScriptRunner = self.backend.aio()
             reply = await runner.run(call.script, call.keys, call.args)
-        except BACKEND_ERRORS as error:
+        except Exception as error:  # what it means is for the error table to say
             return self.engine.failed(call, error)
-        if self.engine.outage:
-            self.engine.recovered()
+        if self.engine.failures.failing:
+            self.engine.failures.recovered()
         result, events = call.parse(reply)
         if events:
             await self._emit(events)

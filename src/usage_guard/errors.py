@@ -36,6 +36,11 @@ class BackendUnavailable(UsageGuardError):
     """Redis could not be reached (or answered too slowly) for an operation with no fallback."""
 
 
+class BackendMisconfigured(BackendUnavailable):
+    """Redis refuses the guard's settings (credentials, ACL permissions, TLS verification):
+    it will not answer until someone changes them."""
+
+
 class UsageLimitExceeded(UsageGuardError):
     """A consumption was denied; ``decision`` says which budget and by how much."""
 

@@ -21,7 +21,7 @@ from .decision import Decision
 from .periods import Clock
 from .plans import Plan
 from .report import Report
-from .storage import BACKEND_ERRORS, Backend, ScriptRunner
+from .storage import Backend, ScriptRunner
 from .usage import Usage
 
 if TYPE_CHECKING:
@@ -94,10 +94,10 @@ class UsageGuard:
         try:
             runner: ScriptRunner = self.backend.sync()
             reply = runner.run(call.script, call.keys, call.args)
-        except BACKEND_ERRORS as error:
+        except Exception as error:  # what it means is for the error table to say
             return self.engine.failed(call, error)
-        if self.engine.outage:
-            self.engine.recovered()
+        if self.engine.failures.failing:
+            self.engine.failures.recovered()
         result, events = call.parse(reply)
         if events:
             self._emit(events)

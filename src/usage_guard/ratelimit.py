@@ -22,7 +22,6 @@ from .aio import AsyncUsageGuard
 from .guard import UsageGuard
 from .keys import KeySpace, encode_id
 from .problem import Problem, rate_limited
-from .storage import BACKEND_ERRORS
 
 #: How long (s) an org's plan assignment is trusted before it is read again.
 PLAN_CACHE_SECONDS = 5.0
@@ -117,16 +116,16 @@ class RateLimits:
         """
         try:
             return self._hit(org, metrics)
-        except BACKEND_ERRORS as error:
-            self.guard.engine.record_failure(error)
+        except Exception as error:  # the error table decides what it means
+            self.guard.engine.failures.record(error)
             return None
 
     async def ahit(self, org: str, metrics: Iterable[str]) -> Problem | None:
         """The async :meth:`hit`."""
         try:
             return await self._ahit(org, metrics)
-        except BACKEND_ERRORS as error:
-            self.guard.engine.record_failure(error)
+        except Exception as error:  # the error table decides what it means
+            self.guard.engine.failures.record(error)
             return None
 
     def _hit(self, org: str, metrics: Iterable[str]) -> Problem | None:

@@ -14,8 +14,8 @@ command with ``hiredis.pack_command``, write it and parse the reply with a
   queueing for pooled connections.
 
 Neither retries anything (a timed-out script may have run, and a retry would
-count twice). Errors are redis-py's exception classes, so callers treat both
-clients alike.
+count twice). Every error reply is raised as the exception class redis-py's own
+parser gives it (its table, borrowed), so one error table serves every client.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import hiredis
+from redis._parsers.base import BaseParser
 from redis.connection import parse_url
-from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .scripts import SHAS, SOURCES
@@ -99,23 +100,20 @@ def eval_source(script: str, keys: list[str], args: list[str | int]) -> bytes:
 
 
 def is_noscript(reply: Any) -> bool:
-    return isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
+    return isinstance(reply, NoScriptError)
 
 
 def checked(reply: Any) -> Any:
-    """The reply, or the error it carries raised under redis-py's name for it."""
-    if isinstance(reply, ResponseError):
-        message = str(reply)
-        if message.startswith("NOSCRIPT"):
-            raise NoScriptError(message)
-        if message.startswith(("NOAUTH", "WRONGPASS")):
-            raise AuthenticationError(message)
+    """The reply, or the error reply it is raised."""
+    if isinstance(reply, RedisError):
         raise reply
     return reply
 
 
 def _new_reader() -> hiredis.Reader:
-    return hiredis.Reader(replyError=ResponseError, encoding="utf-8")
+    # Error replies become the exception redis-py's own parser makes of them
+    # (``-OOM`` an OutOfMemoryError, ``-LOADING`` a BusyLoadingError, ...), as values.
+    return hiredis.Reader(replyError=BaseParser.parse_error, encoding="utf-8")
 
 
 class _Socket:

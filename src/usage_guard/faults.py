@@ -1,0 +1,86 @@
+"""The one error table: what an exception from a storage client means.
+
+Every client (the lean ``redis://`` one, redis-py's cluster clients, fakeredis,
+the rate limiter's ``limits`` storage) raises redis-py's exception classes, so
+one table decides for all of them:
+
+* ``OUTAGE``: Redis cannot answer now — refused, reset, timed out, ``LOADING``,
+  ``BUSY``, ``MASTERDOWN``, ``CLUSTERDOWN``, ``TRYAGAIN``, ``READONLY`` (a
+  demoted master), ``OOM``, ``MISCONF`` (cannot persist), a cluster redirect
+  that did not settle. The outage policy (``on_backend_error``) decides.
+* ``MISCONFIGURED``: it will not answer until someone changes a setting —
+  authentication, ``NOPERM``, TLS verification. ``ping()`` raises it; at run
+  time the policy decides too, and it is logged at ERROR once a minute.
+* ``UNEXPECTED``: anything else (a script error, a bug). The policy still
+  answers the request, but it is logged with its traceback and counted apart,
+  so a bug never hides as an outage.
+"""
+
+from __future__ import annotations
+
+import enum
+import ssl
+import traceback
+
+from redis import exceptions as redis_errors
+
+
+class Fault(enum.Enum):
+    OUTAGE = "outage"
+    MISCONFIGURED = "misconfigured"
+    UNEXPECTED = "unexpected"
+
+
+_MISCONFIGURED: tuple[type[BaseException], ...] = (
+    redis_errors.AuthenticationError,
+    redis_errors.AuthenticationWrongNumberOfArgsError,
+    redis_errors.AuthorizationError,
+    redis_errors.NoPermissionError,
+    redis_errors.ExternalAuthProviderError,
+    ssl.SSLCertVerificationError,
+)
+# Error replies redis-py leaves as a bare ResponseError that still mean "not now".
+_OUTAGE_REPLIES = ("BUSY ", "MISCONF ", "MASTERDOWN ", "LOADING ", "TRYAGAIN ", "CLUSTERDOWN ")
+_OUTAGE: tuple[type[BaseException], ...] = (
+    redis_errors.ConnectionError,  # BusyLoadingError (LOADING) and MaxConnectionsError too
+    redis_errors.TimeoutError,
+    redis_errors.OutOfMemoryError,
+    redis_errors.ReadOnlyError,
+    redis_errors.TryAgainError,
+    redis_errors.AskError,  # MovedError too: a redirect the client could not follow
+    redis_errors.ClusterError,  # ClusterDownError, MasterDownError, "TTL exhausted"
+    redis_errors.RedisClusterException,  # no node for a slot, cluster not initialised
+    OSError,  # TimeoutError, ConnectionError and ssl.SSLError among them
+)
+
+
+def classify(error: BaseException) -> Fault:
+    """What ``error``, raised by a storage client, means for the request."""
+    if _misconfigured(error):
+        return Fault.MISCONFIGURED
+    if isinstance(error, redis_errors.ResponseError) and not isinstance(error, _OUTAGE):
+        return Fault.OUTAGE if str(error).startswith(_OUTAGE_REPLIES) else Fault.UNEXPECTED
+    if isinstance(error, _OUTAGE) or _redis_py_lost_its_connection(error):
+        return Fault.OUTAGE
+    return Fault.UNEXPECTED
+
+
+def _misconfigured(error: BaseException) -> bool:
+    """The error, or what it wraps (clients wrap TLS errors in ConnectionError)."""
+    seen: BaseException | None = error
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, _MISCONFIGURED):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _redis_py_lost_its_connection(error: BaseException) -> bool:
+    """redis-py's async cluster client, when a node's connection is closed under a command
+    in flight, fails with ``'NoneType' object has no attribute ...`` inside its own code."""
+    if not isinstance(error, AttributeError) or "'NoneType' object" not in str(error):
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and "/redis/" in frames[-1].filename.replace("\\", "/")
