@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import threading
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,9 @@ import redis
 
 from conftest import RedisProcess
 from scripted import ScriptedServer
-from usage_guard import BackendUnavailable, Plan, UsageGuard
+from usage_guard import BackendMisconfigured, BackendUnavailable, Plan, UsageGuard
 from usage_guard.periods import Period, utc_now
-from usage_guard.wire import Endpoint, PipelinedScripts, SocketScripts
+from usage_guard.wire import IDLE_SOCKETS, Endpoint, PipelinedScripts, SocketScripts, pack
 
 PLANS = {"free": Plan("free", {"emails": 1_000_000, "ai_tokens": 1_000_000})}
 TIMEOUT = 0.3
@@ -113,13 +112,35 @@ def test_a_guard_runs_on_successive_event_loops(scripted: Callable[..., Scripted
             if close:
                 await runner.close()
 
-    with warnings.catch_warnings():
-        # The first loop ends without closing its connection: only that loop could have.
-        warnings.simplefilter("ignore", ResourceWarning)
-        assert asyncio.run(ping(close=False)) == 1001
-        # A new loop (a new TestClient, a second asyncio.run) gets its own connection.
-        assert asyncio.run(ping(close=True)) == 2001
-        gc.collect()
+    # The loops end without closing their connection: each is closed as its loop shuts
+    # down (a leaked socket would warn, and warnings fail the suite).
+    for run in range(1, 201):
+        assert asyncio.run(ping(close=False)) == run * 1000 + 1
+    gc.collect()
+    # A new loop (a new TestClient, another asyncio.run) gets its own connection.
+    assert asyncio.run(ping(close=True)) == 201_001
+    assert server.connections == 201
+
+
+def test_the_sync_client_keeps_a_bounded_set_of_idle_sockets(
+    scripted: Callable[..., ScriptedServer],
+) -> None:
+    server = scripted(counting)
+    runner = SocketScripts(endpoint(server.port))
+    start, done = threading.Barrier(64), threading.Barrier(64)
+
+    def call() -> None:
+        # 64 threads each hold a socket at the same time.
+        runner._use(lambda connection: (start.wait(), connection.call(pack("PING")), done.wait()))
+
+    threads = [threading.Thread(target=call) for _ in range(64)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert server.connections == 64
+    assert len(runner._idle) == IDLE_SOCKETS
+    runner.close()
 
 
 def test_event_loops_in_two_threads_each_keep_their_connection(
@@ -280,9 +301,17 @@ def test_rediss_verifies_certificates_both_ways(tmp_path: Path) -> None:
         assert both_sides(f"{url}&ssl_cert_reqs=none") == (3, 4)
         # Refused, so an outage rather than a connection: the self-signed certificate
         # without its CA, and a client without the certificate this server asks for.
-        for refused in (url, f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}"):
+        # ping() names the unverified certificate a misconfiguration; a server missing the
+        # client's certificate just hangs up, which reads as an outage.
+        refusals = {
+            url: BackendMisconfigured,
+            f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}": BackendUnavailable,
+        }
+        for refused, raised in refusals.items():
             untrusted = UsageGuard.from_url(refused, plans=PLANS)
             assert untrusted.consume("acme", "emails").scope == "unavailable"
+            with pytest.raises(raised):
+                untrusted.ping()
             untrusted.close()
     finally:
         server.stop()

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ._core import Amounts, Call, Engine, Events, Listener, ReservationBase, Ticket
 from .catalog import Catalog
 from .decision import Decision
+from .health import PROBES, Health, aprobe, assess
 from .report import Report
 from .storage import AsyncScriptRunner, Backend
 from .usage import Usage
@@ -124,6 +125,11 @@ class AsyncUsageGuard:
         from .fastapi import require
 
         return require(metric, amount, guard=self)
+
+    async def ping(self) -> Health:
+        """The async :meth:`UsageGuard.ping <usage_guard.UsageGuard.ping>`."""
+        command = self.backend.aio().command
+        return assess(self.backend.url, [await aprobe(command, args) for args in PROBES])
 
     async def usage(self, org: str, user: str | None = None) -> Usage:
         return await self._run(self.engine.usage(org, user))

@@ -23,7 +23,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .aio import AsyncUsageGuard
 from .context import AnyGuard, bind, unbind
 from .decision import Decision
-from .errors import InvalidIdentifier, UsageLimitExceeded
+from .errors import BackendMisconfigured, InvalidIdentifier, UsageLimitExceeded
+from .health import at_startup_async
 from .problem import (
     INVALID_IDENTITY,
     UNAUTHORIZED,
@@ -138,6 +139,8 @@ class UsageGuardMiddleware:
     - ``exclude``: paths never metered (``/health``; a trailing ``*`` matches a prefix).
     - ``require_identity``: answer 401 instead of passing anonymous requests through.
     - ``ratelimit_headers``: add ``RateLimit-Policy``/``RateLimit`` to admitted responses.
+    - ``ping_on_startup``: ``guard.ping()`` when the server starts (lifespan): a
+      misconfigured Redis fails start-up, an unavailable one only warns.
     - ``rate_limits``: enforce the plans' short-window limits (default: when any plan has some).
     """
 
@@ -155,8 +158,10 @@ class UsageGuardMiddleware:
         status_code: int = 429,
         ratelimit_headers: bool = True,
         rate_limits: bool | None = None,
+        ping_on_startup: bool = False,
     ) -> None:
         self.app = app
+        self.ping_on_startup = ping_on_startup
         self.guard = guard
         self.aguard = guard if isinstance(guard, AsyncUsageGuard) else guard.aio
         self.catalog = self.aguard.catalog
@@ -182,7 +187,10 @@ class UsageGuardMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            if scope["type"] == "lifespan" and self.ping_on_startup:
+                await self._start_up(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
             return
         path = scope["path"]
         if path in self.exclude:
@@ -235,6 +243,23 @@ class UsageGuardMiddleware:
 
     def _denial(self, decision: Decision) -> Problem:
         return quota_exceeded(decision, self.catalog, self.engine.clock(), status=self.status_code)
+
+    async def _start_up(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Ping Redis as the server starts: a misconfiguration fails start-up, an
+        unavailable Redis only warns. The app's own lifespan runs after the ping."""
+        first = await receive()
+        if first["type"] == "lifespan.startup":
+            try:
+                await at_startup_async(self.aguard.ping)
+            except BackendMisconfigured as error:
+                await send({"type": "lifespan.startup.failed", "message": str(error)})
+                return
+        pending: list[Message] = [first]
+
+        async def replay() -> Message:
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
 
     async def _call_app(
         self, scope: Scope, receive: Receive, send: Send, who: Subject, decision: Decision | None

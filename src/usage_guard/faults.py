@@ -9,8 +9,9 @@ one table decides for all of them:
   demoted master), ``OOM``, ``MISCONF`` (cannot persist), a cluster redirect
   that did not settle. The outage policy (``on_backend_error``) decides.
 * ``MISCONFIGURED``: it will not answer until someone changes a setting —
-  authentication, ``NOPERM``, TLS verification. ``ping()`` raises it; at run
-  time the policy decides too, and it is logged at ERROR once a minute.
+  authentication, ``NOPERM``, TLS (an unverified certificate, TLS spoken to a
+  plain port). ``ping()`` raises it; at run time the policy decides too, and it
+  is logged at ERROR once a minute.
 * ``UNEXPECTED``: anything else (a script error, a bug). The policy still
   answers the request, but it is logged with its traceback and counted apart,
   so a bug never hides as an outage.
@@ -37,7 +38,6 @@ _MISCONFIGURED: tuple[type[BaseException], ...] = (
     redis_errors.AuthorizationError,
     redis_errors.NoPermissionError,
     redis_errors.ExternalAuthProviderError,
-    ssl.SSLCertVerificationError,
 )
 # Error replies redis-py leaves as a bare ResponseError that still mean "not now".
 _OUTAGE_REPLIES = ("BUSY ", "MISCONF ", "MASTERDOWN ", "LOADING ", "TRYAGAIN ", "CLUSTERDOWN ")
@@ -65,13 +65,21 @@ def classify(error: BaseException) -> Fault:
     return Fault.UNEXPECTED
 
 
+# TLS failures that a retry may cure: the peer went away mid-handshake.
+_TLS_TRANSIENT = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+
+
 def _misconfigured(error: BaseException) -> bool:
-    """The error, or what it wraps (clients wrap TLS errors in ConnectionError)."""
+    """The error, or what it wraps (clients wrap TLS errors in ConnectionError). Every TLS
+    error but a dropped connection is one: an unverified certificate, a client certificate
+    the server asks for, TLS spoken to a port that does not."""
     seen: BaseException | None = error
     for _ in range(5):
         if seen is None:
             return False
-        if isinstance(seen, _MISCONFIGURED):
+        if isinstance(seen, _MISCONFIGURED) or (
+            isinstance(seen, ssl.SSLError) and not isinstance(seen, _TLS_TRANSIENT)
+        ):
             return True
         seen = seen.__cause__ or seen.__context__
     return False

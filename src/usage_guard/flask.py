@@ -21,6 +21,7 @@ from .context import AnyGuard, Binding, bind, unbind
 from .decision import Decision
 from .errors import InvalidIdentifier, UsageLimitExceeded
 from .guard import UsageGuard
+from .health import at_startup
 from .problem import INVALID_IDENTITY, UNAUTHORIZED, Problem, policy_fields, quota_exceeded
 from .ratelimit import RateLimits
 from .subject import Subject
@@ -50,7 +51,9 @@ class UsageGuardFlask:
         status_code: int = 429,
         ratelimit_headers: bool = True,
         rate_limits: bool | None = None,
+        ping_on_startup: bool = False,
     ) -> None:
+        self.ping_on_startup = ping_on_startup
         self.guard: UsageGuard = guard.sync if isinstance(guard, AsyncUsageGuard) else guard
         self.identify = identify
         if meter is not None:
@@ -71,6 +74,9 @@ class UsageGuardFlask:
         if app.extensions.get(EXTENSION) is self:
             return
         app.extensions[EXTENSION] = self
+        if self.ping_on_startup:
+            # A misconfigured Redis stops the app here; an unavailable one only warns.
+            at_startup(self.guard.ping)
         app.before_request(self._before)
         app.after_request(self._after)
         app.teardown_request(self._teardown)

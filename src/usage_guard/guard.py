@@ -18,6 +18,7 @@ from ._core import (
 )
 from .catalog import DEFAULT_CATALOG, Catalog
 from .decision import Decision
+from .health import PROBES, Health, assess, probe
 from .periods import Clock
 from .plans import Plan
 from .report import Report
@@ -184,6 +185,16 @@ class UsageGuard:
         from .fastapi import require
 
         return require(metric, amount, guard=self)
+
+    def ping(self) -> Health:
+        """Connect, authenticate and load the scripts; report what could lose counters.
+
+        Raises :class:`BackendMisconfigured` (credentials, ACL, TLS) or
+        :class:`BackendUnavailable`; warns (``Health.warnings`` and a logged
+        WARNING) when Redis may evict counters or keeps none on disk.
+        """
+        command = self.backend.sync().command
+        return assess(self.backend.url, [probe(command, args) for args in PROBES])
 
     # -- reading ------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ import socket
 import ssl
 from asyncio import get_running_loop
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -41,6 +41,9 @@ from .scripts import SHAS, SOURCES
 
 #: Bytes read from a socket at a time; the hot path's replies are far smaller.
 READ_SIZE = 65536
+#: Idle sync sockets kept for reuse; past it a returned socket is closed, so a burst of
+#: many threads does not hold as many Redis connections for ever.
+IDLE_SOCKETS = 16
 
 T = TypeVar("T")
 
@@ -192,7 +195,10 @@ class SocketScripts:
         except BaseException:
             connection.close()
             raise
-        self._idle.append(connection)
+        if len(self._idle) < IDLE_SOCKETS:
+            self._idle.append(connection)
+        else:
+            connection.close()
         return result
 
     def close(self) -> None:
@@ -219,6 +225,23 @@ class _Multiplexed(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._watchdog: asyncio.TimerHandle | None = None
+        self._closer: AsyncGenerator[None, None] | None = None
+
+    async def close_with_the_loop(self) -> None:
+        """Close this connection when its loop shuts down, even if nobody calls ``close()``.
+
+        ``asyncio.run`` (and uvloop, and anyio) finalise every live async generator
+        before closing the loop; once the loop is closed a transport can no longer
+        be closed and its socket would leak until garbage collection.
+        """
+        self._closer = self._until_shutdown()
+        await anext(self._closer)
+
+    async def _until_shutdown(self) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            self.abort(RedisConnectionError("the event loop shut down"))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -338,6 +361,7 @@ class PipelinedScripts:
             raise RedisConnectionError(f"cannot connect to Redis at {endpoint}: {error}") from error
         # uvloop may call connection_made() only after create_connection() has returned.
         connection.transport = transport
+        await connection.close_with_the_loop()
         try:
             for command in endpoint.handshake:
                 checked(await connection.send(command))
@@ -347,8 +371,8 @@ class PipelinedScripts:
         stale = self._by_loop.get(loop)
         if stale is not None:
             stale.abort(RedisConnectionError("replaced by a new connection"))
-        # Loops that ended without closing theirs: nothing can close a transport of a
-        # closed loop, so their connections are dropped (the socket goes with them).
+        # Loops closed by hand without closing theirs (asyncio.run closes them): nothing
+        # can close a transport of a closed loop, so their connections are dropped.
         self._by_loop = {
             other: kept for other, kept in self._by_loop.items() if not other.is_closed()
         }
