@@ -29,7 +29,8 @@ class Failures:
     ``backend_errors`` counts outages and misconfigurations, which the
     ``on_backend_error`` policy answers; ``unexpected_errors`` counts anything
     else (a bug, a script error), which the policy answers too but which is
-    logged with its traceback.
+    logged with its traceback; ``unsettled`` counts settles and cancels given up
+    on (see :mod:`usage_guard.settling`).
     """
 
     #: The test suite sets it: there an unexpected error fails the test instead.
@@ -38,6 +39,7 @@ class Failures:
     def __init__(self) -> None:
         self.backend_errors = 0
         self.unexpected_errors = 0
+        self.unsettled = 0
         #: Whether a failure was logged and no success has been logged since.
         self.failing = False
         self._lock = threading.Lock()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._core import Amounts, Call, Engine, Events, Listener, ReservationBase, Ticket
 from .catalog import Catalog
 from .decision import Decision
+from .errors import BackendUnavailable
 from .health import PROBES, Health, aprobe, assess
 from .report import Report
 from .storage import AsyncScriptRunner, Backend
@@ -137,7 +139,18 @@ class AsyncUsageGuard:
     async def report(self, org: str, user: str | None = None) -> Report:
         return Report.from_usage(await self.usage(org, user), self.catalog)
 
-    async def aclose(self) -> None:
+    async def _settle(self, call: Call[bool]) -> bool:
+        try:
+            return await self._run(call)
+        except BackendUnavailable:
+            self.sync.settler.defer(call)  # retried in the background, as on the sync side
+            return True
+
+    async def aclose(self, *, settle_timeout: float = 5.0) -> None:
+        """Close this event loop's connection, after up to ``settle_timeout`` seconds for
+        settles that still wait for Redis (waited for in a thread, not on the loop)."""
+        if self.sync.settler.pending:
+            await asyncio.to_thread(self.sync.settler.drain, settle_timeout)
         await self.backend.aclose()
 
     async def __aenter__(self) -> AsyncUsageGuard:
@@ -155,9 +168,12 @@ class AsyncReservation(ReservationBase):
         self.guard = guard
 
     async def settle(self, actual: int | Amounts) -> bool:
+        """Adjust the counters by ``actual - estimate``; retried in the background during
+        an outage. False if already done."""
         call = self.guard.engine.settle(self.ticket, actual)
-        return self.open and await self.guard._run(call)
+        return self.open and await self.guard._settle(call)
 
     async def cancel(self) -> bool:
+        """Refund the estimate; retried like settle. False if already done."""
         call = self.guard.engine.settle(self.ticket, None)
-        return self.open and await self.guard._run(call)
+        return self.open and await self.guard._settle(call)

@@ -18,10 +18,12 @@ from ._core import (
 )
 from .catalog import DEFAULT_CATALOG, Catalog
 from .decision import Decision
+from .errors import BackendUnavailable
 from .health import PROBES, Health, assess, probe
 from .periods import Clock
 from .plans import Plan
 from .report import Report
+from .settling import Settler
 from .storage import Backend, ScriptRunner
 from .usage import Usage
 
@@ -44,6 +46,8 @@ class UsageGuard:
         self.engine = engine
         self.backend = backend
         self._aio: AsyncUsageGuard | None = None
+        #: Settles and cancels that met an outage, retried until they land.
+        self.settler = Settler(self._run, engine.failures)
 
     @classmethod
     def from_url(
@@ -206,7 +210,17 @@ class UsageGuard:
         """The Usage page's data (``.to_dict()`` is its JSON): one round trip."""
         return Report.from_usage(self.usage(org, user), self.catalog)
 
-    def close(self) -> None:
+    def _settle(self, call: Call[bool]) -> bool:
+        try:
+            return self._run(call)
+        except BackendUnavailable:
+            self.settler.defer(call)
+            return True
+
+    def close(self, *, settle_timeout: float = 5.0) -> None:
+        """Close the connections, after up to ``settle_timeout`` seconds for settles that
+        still wait for Redis (what is left then is logged and counted)."""
+        self.settler.drain(settle_timeout)
         self.backend.close()
 
     def __enter__(self) -> UsageGuard:
@@ -228,14 +242,18 @@ class Reservation(ReservationBase):
         self.guard = guard
 
     def settle(self, actual: int | Amounts) -> bool:
-        """Adjust the counters by ``actual - estimate`` (never denied). False if already done."""
+        """Adjust the counters by ``actual - estimate`` (never denied). False if already done.
+
+        Never fails for an outage: the settle is then retried in the background
+        until Redis answers (and True is returned).
+        """
         call = self.guard.engine.settle(self.ticket, actual)
-        return self.open and self.guard._run(call)
+        return self.open and self.guard._settle(call)
 
     def cancel(self) -> bool:
-        """Refund the estimate. False if already settled or cancelled."""
+        """Refund the estimate. False if already settled or cancelled; retried like settle."""
         call = self.guard.engine.settle(self.ticket, None)
-        return self.open and self.guard._run(call)
+        return self.open and self.guard._settle(call)
 
 
 def _close(awaitable: Any) -> None:
