@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -107,3 +111,35 @@ def test_the_plan_cache_stays_bounded(guard: UsageGuard, monkeypatch: pytest.Mon
         assert limits.hit(org, ["api_calls"]) is None
         assert len(limits._plans) <= 2
     limits.close()
+
+
+@pytest.mark.real_redis
+def test_a_hung_redis_holds_a_rate_limited_request_no_longer_than_the_timeout(
+    redis_process: Any,
+) -> None:
+    timeout = 0.3
+    plans = {"free": Plan("free", {"api_calls": 1000}, rate_limits={"api_calls": "100/minute"})}
+    guard = UsageGuard.from_url(
+        redis_process.url, plans=plans, default_plan="free", timeout=timeout
+    )
+    limits = RateLimits(guard)
+    assert limits.hit("acme", ["api_calls"]) is None  # the plan is now cached for 5 s
+
+    async def ahit() -> Any:
+        try:
+            return await limits.ahit("acme", ["api_calls"])
+        finally:
+            await limits.aclose()
+
+    assert asyncio.run(ahit()) is None
+    os.kill(redis_process.process.pid, signal.SIGSTOP)
+    try:
+        for hit in (lambda: limits.hit("acme", ["api_calls"]), lambda: asyncio.run(ahit())):
+            started = time.monotonic()
+            assert hit() is None  # fails open: the monthly quota's policy decides
+            assert time.monotonic() - started < timeout + 0.5
+    finally:
+        os.kill(redis_process.process.pid, signal.SIGCONT)
+    assert guard.engine.backend_errors == 2
+    limits.close()
+    guard.close()

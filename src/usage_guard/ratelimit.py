@@ -17,6 +17,9 @@ from limits import RateLimitItem, parse_many
 from limits.aio.strategies import MovingWindowRateLimiter as AsyncMovingWindow
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .aio import AsyncUsageGuard
 from .guard import UsageGuard
@@ -45,10 +48,17 @@ class RateLimits:
             name: {metric: parse_many(text) for metric, text in plan.rate_limits.items()}
             for name, plan in engine.plans.by_name.items()
         }
-        url = self.guard.backend.url
+        backend = self.guard.backend
+        url = backend.url
         options: dict[str, Any] = {}
         if not url.startswith("memory://"):
-            options["key_prefix"] = f"{engine.prefix}:rl"
+            # The guard's timeout bounds these calls too, and nothing is retried: a retried
+            # moving-window hit may count twice.
+            options.update(
+                key_prefix=f"{engine.prefix}:rl",
+                socket_timeout=backend.timeout,
+                socket_connect_timeout=backend.timeout,
+            )
             self._uri = url
         else:
             self._uri = "memory://"
@@ -133,7 +143,10 @@ class RateLimits:
         if not checks:
             return None
         if self._sync is None:
-            self._sync = MovingWindowRateLimiter(storage_from_string(self._uri, **self._options))
+            options = dict(self._options)
+            if self._uri != "memory://":
+                options["retry"] = Retry(NoBackoff(), 0)
+            self._sync = MovingWindowRateLimiter(storage_from_string(self._uri, **options))
         org_id = encode_id(org)
         for metric, item in checks:
             if not self._sync.hit(item, org_id, metric):
@@ -149,6 +162,7 @@ class RateLimits:
             options = dict(self._options)
             if self._uri != "memory://":
                 options["implementation"] = "redispy"  # limits' default async client is coredis
+                options["retry"] = AsyncRetry(NoBackoff(), 0)
             storage = storage_from_string(f"async+{self._uri}", **options)
             self._async = AsyncMovingWindow(storage)
         org_id = encode_id(org)
