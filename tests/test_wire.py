@@ -7,6 +7,7 @@ import asyncio
 import gc
 import os
 import shutil
+import socket
 import subprocess
 import threading
 from collections.abc import Callable
@@ -326,3 +327,34 @@ def test_endpoint_reads_the_url() -> None:
         b"*3\r\n$4\r\nAUTH\r\n$5\r\nalice\r\n$2\r\npw\r\n",
         b"*2\r\n$6\r\nSELECT\r\n$1\r\n2\r\n",
     )
+
+
+def test_a_redis_that_stops_reading_gets_back_pressure_not_an_unbounded_buffer() -> None:
+    deaf = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(deaf.accept()[0]), daemon=True).start()
+    runner = PipelinedScripts(endpoint(deaf.getsockname()[1]))
+    value = "x" * 100_000
+
+    async def flood() -> tuple[int, list[Any], float]:
+        started = asyncio.get_running_loop().time()
+        calls = [asyncio.ensure_future(runner.command("SET", "k", value)) for _ in range(400)]
+        await asyncio.sleep(0.1)
+        connection = runner._connection
+        assert connection is not None and connection.transport is not None
+        buffered = connection.transport.get_write_buffer_size()
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        await runner.close()
+        return buffered, outcomes, asyncio.get_running_loop().time() - started
+
+    try:
+        buffered, outcomes, took = asyncio.run(flood())
+    finally:
+        for connection in held:
+            connection.close()
+        deaf.close()
+    # 40 MB asked to be written; the buffer holds about one high-water mark (64 KiB) and
+    # the commands that were already on their way when it filled.
+    assert buffered < 1_000_000
+    assert all(isinstance(o, (redis.TimeoutError, redis.ConnectionError)) for o in outcomes)
+    assert took < TIMEOUT + 0.5

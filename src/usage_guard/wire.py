@@ -226,6 +226,9 @@ class _Multiplexed(asyncio.Protocol):
         self.closed = False
         self._watchdog: asyncio.TimerHandle | None = None
         self._closer: AsyncGenerator[None, None] | None = None
+        #: Set while the transport's buffer is over its high-water mark: Redis reads
+        #: slower than callers write, and new calls wait instead of growing the buffer.
+        self.full: asyncio.Future[None] | None = None
 
     async def close_with_the_loop(self) -> None:
         """Close this connection when its loop shuts down, even if nobody calls ``close()``.
@@ -245,6 +248,23 @@ class _Multiplexed(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+
+    def pause_writing(self) -> None:
+        if self.full is None:
+            self.full = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        full, self.full = self.full, None
+        if full is not None and not full.done():
+            full.set_result(None)
+
+    async def room(self) -> None:
+        """Wait until the transport takes more writes, up to the timeout."""
+        while self.full is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self.full), self.timeout)
+            except asyncio.TimeoutError:
+                raise RedisTimeoutError("Redis did not read within the timeout") from None
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -269,6 +289,7 @@ class _Multiplexed(asyncio.Protocol):
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        self.resume_writing()  # callers waiting for room then find the connection closed
         while self.waiting:
             waiter = self.waiting.popleft()[0]
             if not waiter.done():
@@ -316,6 +337,8 @@ class PipelinedScripts:
         connection = self._connection
         if connection is None or connection.closed or connection.loop is not get_running_loop():
             connection = await self._connect()
+        if connection.full is not None:
+            await connection.room()
         reply = await connection.send(evalsha(script, keys, args))
         if is_noscript(reply):
             reply = await connection.send(eval_source(script, keys, args))
@@ -323,7 +346,10 @@ class PipelinedScripts:
 
     async def command(self, *args: str | int) -> Any:
         """Any other command, e.g. ``await command("HGET", key, field)``."""
-        return checked(await (await self._connect()).send(pack(*args)))
+        connection = await self._connect()
+        if connection.full is not None:
+            await connection.room()
+        return checked(await connection.send(pack(*args)))
 
     async def _connect(self) -> _Multiplexed:
         """The running loop's connection, opened if it has none that works."""
