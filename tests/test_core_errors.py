@@ -224,16 +224,20 @@ def test_logs_are_paced_by_time_not_by_success(
     failures = _runtime.Failures()
     outage = redis.ConnectionError("refused")
     with caplog.at_level(logging.WARNING, logger="usage_guard"):
+        in_flight = failures.backend_errors
+        failures.record(outage)
+        # A call that was already in flight when Redis failed proves no recovery.
+        failures.recovered(in_flight)
+        assert [r.levelname for r in caplog.records] == ["ERROR"]
         # A Cluster failover: failures of one node's orgs interleaved with successes.
-        for _ in range(500):
+        for _ in range(499):
             failures.record(outage)
-            if failures.failing:
-                failures.recovered()
+            failures.recovered(failures.backend_errors)
             now[0] += 0.01
         assert [r.levelname for r in caplog.records] == ["ERROR", "WARNING"]
         now[0] += 60
         failures.record(outage)
-        failures.recovered()
+        failures.recovered(failures.backend_errors)
     assert [r.levelname for r in caplog.records] == ["ERROR", "WARNING", "ERROR", "WARNING"]
     assert "499 more failed calls since the last report" in caplog.records[2].getMessage()
     assert failures.backend_errors == 501

@@ -74,10 +74,12 @@ class Failures:
             raise error
         return fault
 
-    def recovered(self) -> None:
-        """A call succeeded: say so once if failures were logged."""
+    def recovered(self, failures_before: int) -> None:
+        """A call succeeded: say so once if failures were logged and none was recorded while
+        it ran (``failures_before``: ``backend_errors`` when it started). A call already in
+        flight when Redis failed proves nothing."""
         with self._lock:
-            if not self.failing:
+            if not self.failing or failures_before != self.backend_errors:
                 return
             self.failing = False
             failed, self._failed = self._failed, 0

@@ -50,13 +50,15 @@ class AsyncUsageGuard:
         return self.engine.catalog
 
     async def _run(self, call: Call[T]) -> T:
+        failures = self.engine.failures
+        failed_before = failures.backend_errors
         try:
             runner: AsyncScriptRunner = self.backend.aio()
             reply = await runner.run(call.script, call.keys, call.args)
         except Exception as error:  # what it means is for the error table to say
             return self.engine.failed(call, error)
-        if self.engine.failures.failing:
-            self.engine.failures.recovered()
+        if failures.failing:
+            failures.recovered(failed_before)
         result, events = call.parse(reply)
         if events:
             await self._emit(events)

@@ -96,13 +96,15 @@ class UsageGuard:
         return self.engine.catalog
 
     def _run(self, call: Call[T]) -> T:
+        failures = self.engine.failures
+        failed_before = failures.backend_errors
         try:
             runner: ScriptRunner = self.backend.sync()
             reply = runner.run(call.script, call.keys, call.args)
         except Exception as error:  # what it means is for the error table to say
             return self.engine.failed(call, error)
-        if self.engine.failures.failing:
-            self.engine.failures.recovered()
+        if failures.failing:
+            failures.recovered(failed_before)
         result, events = call.parse(reply)
         if events:
             self._emit(events)

@@ -297,9 +297,10 @@ class _Multiplexed(asyncio.Protocol):
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
         """Write one command; the future gets its reply (an error reply as a value)."""
-        if self.closed:
-            raise RedisConnectionError("lost the connection to Redis")
         assert self.transport is not None
+        # is_closing(): the transport lost its socket, connection_lost() is still to come.
+        if self.closed or self.transport.is_closing():
+            raise RedisConnectionError("lost the connection to Redis")
         waiter = self.loop.create_future()
         self.transport.write(command)
         due = self.loop.time() + self.timeout
