@@ -8,10 +8,11 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, Playwright, sync_playwright
 
 from conftest import USAGE_GUARD, free_port, wait_for
 
@@ -58,15 +59,23 @@ def _up(url: str) -> bool:
         return False
 
 
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+#: Both sites of the cross-site test live on loopback, where Chromium's Local Network
+#: Access checks would stop the attack before it is sent; on the web nothing does.
+LOOPBACK_ATTACKS = "--disable-features=LocalNetworkAccessChecks,BlockInsecurePrivateNetworkRequests"
+
+
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
+def playwright() -> Iterator[Playwright]:
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        yield browser
-        browser.close()
+        yield playwright
+
+
+@pytest.fixture(scope="module")
+def browser(playwright: Playwright) -> Iterator[Browser]:
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+    yield browser
+    browser.close()
 
 
 def fill_colour(page: Page, section: str, metric: str) -> str:
@@ -146,4 +155,70 @@ def test_admin_form_works_without_javascript(browser: Browser, demo_url: str) ->
         "percent": 0.0,
         "status": "blue",
     }
+    context.close()
+
+
+ATTACK_PAGE = """<!doctype html><title>a cat picture</title>
+<form id="plain" method="post" enctype="text/plain" action="{target}plan" target="sink">
+  <input name='{{"plan": "free", "x": "' value='"}}'></form>
+<form id="urlencoded" method="post" action="{target}limits" target="sink">
+  <input name="metric" value="emails"><input name="limit" value=""></form>
+<iframe name="sink"></iframe>
+<script>
+  document.getElementById("plain").submit();
+  setTimeout(() => document.getElementById("urlencoded").submit(), 300);
+  fetch("{target}budgets", {{method: "POST", mode: "no-cors", credentials: "include",
+        body: "user=alice&metric=ai_tokens&budget="}}).finally(() => document.title = "done");
+</script>"""
+
+
+def test_another_site_cannot_change_anything(playwright: Playwright, demo_url: str) -> None:
+    # The attacker's page on http://localhost:P is another site than http://127.0.0.1:Q;
+    # the demo takes its visitor for acme's admin, as a session cookie would.
+    before = httpx.get(demo_url + "report.json").json()
+    attacker = f"http://localhost:{free_port()}/"
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[*FLAGS, LOOPBACK_ATTACKS])
+    page = browser.new_page()
+    page.route(
+        attacker,
+        lambda route: route.fulfill(
+            content_type="text/html", body=ATTACK_PAGE.format(target=demo_url)
+        ),
+    )
+    refused: list[int] = []
+    page.on("response", lambda r: refused.append(r.status) if r.url.startswith(demo_url) else None)
+    page.goto(attacker)
+    page.wait_for_function("document.title === 'done'")
+    page.wait_for_timeout(800)  # the second form
+    browser.close()
+    assert sorted(refused) == [403, 403, 403]
+    after = httpx.get(demo_url + "report.json").json()
+    assert after == before
+
+
+def test_the_pages_own_form_works_under_referrer_policy_no_referrer(
+    browser: Browser, demo_url: str
+) -> None:
+    # Under "no-referrer" Chromium sends "Origin: null" with the page's own form posts.
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+
+    def no_referrer(route: Any) -> None:
+        response = route.fetch()
+        route.fulfill(
+            response=response, headers={**response.headers, "referrer-policy": "no-referrer"}
+        )
+
+    page.route(demo_url, no_referrer)
+    page.goto(demo_url)
+    page.fill("#budget-user", "erin")
+    page.select_option("#budget-metric", "enrichments")
+    page.fill("#budget-value", "700")
+    page.click("text=Save budget")
+    page.wait_for_load_state()
+    assert page.url == demo_url
+    report = httpx.get(
+        demo_url + "report.json", headers={"x-org-id": "acme", "x-user-id": "erin"}
+    ).json()
+    assert report["personal"]["meters"][1]["budget"] == 700
     context.close()

@@ -135,14 +135,21 @@ def test_scripts_send_json_and_trusted_origins_are_accepted(
 
 
 def test_the_rule_as_a_table() -> None:
-    origins = trusted([APP, "http://LOCALHOST:8000/"])
-    assert origins == {APP, "http://localhost:8000"}
+    origins = trusted([APP, "http://LOCALHOST:8000/", "https://api.example.com:443"])
+    assert origins == {APP, "http://localhost:8000", "https://api.example.com"}
     form = "application/x-www-form-urlencoded"
     cases = [
         # method, headers, expected status (None: accepted)
         ("GET", {"origin": EVIL}, None),
         ("POST", {"host": "a.test", "origin": "https://a.test", "content-type": form}, None),
-        ("POST", {"host": "a.test", "origin": "https://A.test:443"}, 403),
+        ("POST", {"host": "a.test", "origin": "https://A.test:443", "content-type": form}, None),
+        ("POST", {"host": "a.test:443", "origin": "https://a.test", "content-type": form}, None),
+        ("POST", {"host": "a.test", "origin": "https://a.test:8443"}, 403),
+        ("POST", {"host": "[::1]:8000", "origin": "http://[::1]:8000", "content-type": form}, None),
+        # The page's own form under Referrer-Policy: no-referrer.
+        ("POST", {"origin": "null", "sec-fetch-site": "same-origin", "content-type": form}, None),
+        ("POST", {"origin": "null", "content-type": form}, 403),
+        ("POST", {"origin": APP, "sec-fetch-site": "cross-site", "content-type": form}, None),
         ("POST", {"host": "a.test", "origin": APP, "content-type": "application/json"}, None),
         ("POST", {"host": "a.test", "origin": "http://localhost:8000", "content-type": form}, None),
         ("POST", {"sec-fetch-site": "same-origin", "content-type": form}, None),
@@ -160,7 +167,9 @@ def test_the_rule_as_a_table() -> None:
         assert (refused and refused.status) == expected, (method, headers)
 
 
-@pytest.mark.parametrize("bad", ["evil.example", "ftp://x", "https://x/path", "https://x?q", 7])
+@pytest.mark.parametrize(
+    "bad", ["evil.example", "ftp://x", "https://x/path", "https://x?q", "https://x:99999", 7]
+)
 def test_trusted_origins_are_validated(bad: object) -> None:
     with pytest.raises(InvalidUsage):
         trusted([bad])  # type: ignore[list-item]

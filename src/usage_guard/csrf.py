@@ -8,9 +8,9 @@ preflight. Browsers also say where such a request came from (``Origin``,
 cross-site, after a preflight that this library never grants. So a
 state-changing request is accepted only when
 
-* its ``Origin`` is the request's own host or a configured trusted origin, or
-* with no ``Origin``, ``Sec-Fetch-Site`` says ``same-origin`` (or ``none``: typed
-  by the user), or
+* its ``Origin`` is a configured trusted origin, or
+* its ``Sec-Fetch-Site`` says ``same-origin`` (or ``none``: typed by the user), or
+* without ``Sec-Fetch-Site`` (older browsers), its ``Origin`` is the request's own host, or
 * with neither header (a script, not a browser), its body is ``application/json``;
 
 and its body, if any, is JSON or an HTML form. The check is framework-free:
@@ -61,9 +61,10 @@ def trusted(origins: Iterable[str]) -> frozenset[str]:
             or parts.path not in ("", "/")
             or parts.query
             or parts.fragment
+            or not _normalized(origin)
         ):
             raise InvalidUsage(f"trusted origin {origin!r} must look like https://host[:port]")
-        normalized.add(f"{parts.scheme}://{parts.netloc}".lower())
+        normalized.add(_normalized(origin))
     return frozenset(normalized)
 
 
@@ -78,11 +79,15 @@ def refusal(method: str, headers: Headers, trusted_origins: frozenset[str]) -> R
     origin = headers.get("origin")
     site = headers.get("sec-fetch-site")
     media = media_type(headers)
-    if origin is not None:
-        if not _same_host(origin, headers.get("host")) and origin.lower() not in trusted_origins:
-            return _CROSS_SITE
+    if origin is not None and _normalized(origin) in trusted_origins:
+        pass  # a front end the application trusts, wherever it is served from
     elif site is not None:
+        # Scripts cannot forge it, and it survives Referrer-Policy: no-referrer, under
+        # which browsers send "Origin: null" even with the page's own forms.
         if site.lower() not in ("same-origin", "none"):
+            return _CROSS_SITE
+    elif origin is not None:
+        if not _same_host(origin, headers.get("host")):
             return _CROSS_SITE
     elif media != JSON and (method.upper() == "POST" or _has_body(headers)):
         return Refusal(
@@ -102,9 +107,34 @@ def refusal(method: str, headers: Headers, trusted_origins: frozenset[str]) -> R
 _CROSS_SITE = Refusal(403, "Forbidden", "cross-site requests cannot change usage settings")
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _normalized(origin: str) -> str:
+    """``scheme://host[:port]`` in lowercase, without the scheme's default port."""
+    parts = urlsplit(origin.strip().lower())
+    try:
+        port = parts.port
+    except ValueError:
+        return ""
+    if parts.hostname is None:
+        return ""
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    if port is not None and port != _DEFAULT_PORTS.get(parts.scheme):
+        host += f":{port}"
+    return f"{parts.scheme}://{host}"
+
+
 def _same_host(origin: str, host: str | None) -> bool:
-    """Whether ``origin`` names the host the request was sent to (``null`` never does)."""
-    return host is not None and urlsplit(origin).netloc.lower() == host.lower()
+    """Whether ``origin`` names the host the request was sent to (``null`` never does).
+
+    The scheme is not compared: behind a proxy that ends TLS the app may see ``http``
+    while browsers say ``https``."""
+    if host is None:
+        return False
+    normalized = _normalized(origin)
+    scheme = normalized.partition("://")[0]
+    return bool(normalized) and normalized == _normalized(f"{scheme}://{host}")
 
 
 def _has_body(headers: Headers) -> bool:
