@@ -42,6 +42,7 @@ REPLIES = {
     "CLUSTERDOWN The cluster is down": Fault.OUTAGE,
     "TRYAGAIN Multiple keys request during rehashing of slot": Fault.OUTAGE,
     "ERR max number of clients reached": Fault.OUTAGE,
+    "NOREPLICAS Not enough good replicas to write.": Fault.OUTAGE,
     "NOAUTH Authentication required.": Fault.MISCONFIGURED,
     "WRONGPASS invalid username-password pair or user is disabled.": Fault.MISCONFIGURED,
     "NOPERM this user has no permissions to run the 'evalsha' command": Fault.MISCONFIGURED,
@@ -241,3 +242,19 @@ def test_logs_are_paced_by_time_not_by_success(
     assert [r.levelname for r in caplog.records] == ["ERROR", "WARNING", "ERROR", "WARNING"]
     assert "499 more failed calls since the last report" in caplog.records[2].getMessage()
     assert failures.backend_errors == 501
+    # A short outage soon after: counted, not logged (one ERROR a minute at most) ...
+    now[0] += 30
+    for _ in range(50):
+        failures.record(outage)
+        now[0] += 0.2
+    failures.recovered(failures.backend_errors)
+    assert len(caplog.records) == 4 and failures.backend_errors == 551
+    # ... and a later one is reported with its own figures.
+    now[0] += 3600
+    with caplog.at_level(logging.WARNING, logger="usage_guard"):
+        failures.record(outage)
+        now[0] += 2
+        failures.record(outage)
+        failures.recovered(failures.backend_errors)
+    assert "50 more failed calls" in caplog.records[4].getMessage()
+    assert "(2 failed calls over 2.0 s)" in caplog.records[5].getMessage()

@@ -40,13 +40,16 @@ class Failures:
         self.backend_errors = 0
         self.unexpected_errors = 0
         self.unsettled = 0
-        #: Whether a failure was logged and no success has been logged since.
+        #: Whether calls fail: set by every outage or misconfiguration, cleared by a
+        #: success that started after the last one.
         self.failing = False
         self._lock = threading.Lock()
         self._logged_at: dict[Fault, float] = {}
         self._unlogged: dict[Fault, int] = {}
-        self._first_failure = math.inf
-        self._failed = 0
+        self._recovery_logged_at = -math.inf
+        self._error_since_recovery_log = False
+        self._outage_began = 0.0
+        self._failed_in_outage = 0
 
     def record(self, error: Exception) -> Fault:
         """Count ``error``, log it if it is time to, and say what it was."""
@@ -57,15 +60,16 @@ class Failures:
                 self.unexpected_errors += 1
             else:
                 self.backend_errors += 1
-                self._failed += 1
-                self._first_failure = min(self._first_failure, now)
+                if not self.failing:
+                    self.failing, self._outage_began, self._failed_in_outage = True, now, 0
+                self._failed_in_outage += 1
             skipped = self._unlogged.get(fault, 0)
             if now - self._logged_at.get(fault, -math.inf) < LOG_INTERVAL:
                 self._unlogged[fault] = skipped + 1
                 return self._raise_if_unexpected(fault, error)
             self._logged_at[fault] = now
             self._unlogged[fault] = 0
-            self.failing = self.failing or fault is not Fault.UNEXPECTED
+            self._error_since_recovery_log |= fault is not Fault.UNEXPECTED
         _log(fault, error, skipped)
         return self._raise_if_unexpected(fault, error)
 
@@ -75,16 +79,24 @@ class Failures:
         return fault
 
     def recovered(self, failures_before: int) -> None:
-        """A call succeeded: say so once if failures were logged and none was recorded while
-        it ran (``failures_before``: ``backend_errors`` when it started). A call already in
-        flight when Redis failed proves nothing."""
+        """A call succeeded. ``failures_before`` is ``backend_errors`` when it started: a
+        call already in flight when Redis failed proves nothing.
+
+        Logged as a WARNING after an ERROR, else at most once a minute (a Cluster
+        failover interleaves failures of one node's orgs with successes of the others).
+        """
+        now = time.monotonic()
         with self._lock:
             if not self.failing or failures_before != self.backend_errors:
                 return
             self.failing = False
-            failed, self._failed = self._failed, 0
-            lasted = time.monotonic() - self._first_failure
-            self._first_failure = math.inf
+            if not self._error_since_recovery_log and (
+                now - self._recovery_logged_at < LOG_INTERVAL
+            ):
+                return
+            self._error_since_recovery_log = False
+            self._recovery_logged_at = now
+            failed, lasted = self._failed_in_outage, now - self._outage_began
         logger.warning(
             "usage_guard: Redis is reachable again (%d failed calls over %.1f s)",
             failed,

@@ -40,7 +40,15 @@ _MISCONFIGURED: tuple[type[BaseException], ...] = (
     redis_errors.ExternalAuthProviderError,
 )
 # Error replies redis-py leaves as a bare ResponseError that still mean "not now".
-_OUTAGE_REPLIES = ("BUSY ", "MISCONF ", "MASTERDOWN ", "LOADING ", "TRYAGAIN ", "CLUSTERDOWN ")
+_OUTAGE_REPLIES = (
+    "BUSY ",
+    "MISCONF ",
+    "MASTERDOWN ",
+    "LOADING ",
+    "TRYAGAIN ",
+    "CLUSTERDOWN ",
+    "NOREPLICAS ",  # min-replicas-to-write: too few replicas answer
+)
 _OUTAGE: tuple[type[BaseException], ...] = (
     redis_errors.ConnectionError,  # BusyLoadingError (LOADING) and MaxConnectionsError too
     redis_errors.TimeoutError,
