@@ -7,14 +7,20 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from conftest import RedisProcess, wait_for
-from usage_guard import Plan, UsageGuard, metered, settling, subject
+from conftest import RedisProcess, raw_client, wait_for
+from usage_guard import BackendUnavailable, Plan, UsageGuard, _runtime, metered, settling, subject
+from usage_guard.keys import KeySpace
+from usage_guard.settling import Settler
 
 PLANS = {"free": Plan("free", {"ai_tokens": 1_000})}
 
@@ -95,3 +101,87 @@ def test_the_queue_is_bounded(
     assert (guard.settler.pending, guard.engine.failures.unsettled) == (2, 1)
     assert any("dropped" in r.getMessage() for r in caplog.records)
     guard.close(settle_timeout=0)
+
+
+def outage() -> BackendUnavailable:
+    unavailable = BackendUnavailable("down")
+    unavailable.__cause__ = redis.ConnectionError("refused")
+    return unavailable
+
+
+def test_a_settle_that_fails_for_a_bug_is_given_up_not_retried(
+    make_guard: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    guard = make_guard(plans=PLANS, default_plan="free")
+    reservation = guard.reserve("acme", "ai_tokens", 100)
+    plain = raw_client(guard)
+    key = KeySpace.of(guard.engine.prefix, "acme").counter(
+        "ai_tokens", reservation.ticket.period.key
+    )
+    plain.delete(key)
+    plain.hset(key, "operator", "typo")  # WRONGTYPE for the script
+    monkeypatch.setattr(_runtime.Failures, "reraise_unexpected", False)
+    assert reservation.settle(1) is False
+    assert (guard.settler.pending, guard.engine.failures.unsettled) == (0, 1)
+
+
+def test_one_settle_that_keeps_failing_holds_up_no_other() -> None:
+    landed: list[str] = []
+
+    def run(call: str) -> None:
+        if call == "on a dead node":
+            raise outage()
+        landed.append(call)
+
+    settler = Settler(run, _runtime.Failures())
+    settler.defer("on a dead node")
+    settler.defer("on a healthy node")
+    wait_for(lambda: landed == ["on a healthy node"], what="the healthy settle")
+    assert settler.drain(0) == 1
+
+
+def test_close_waits_for_the_attempt_in_flight_and_counts_only_what_did_not_land() -> None:
+    failures = _runtime.Failures()
+    started = threading.Event()
+
+    def slow_then_lands(call: str) -> None:
+        started.set()
+        time.sleep(0.3)
+
+    settler = Settler(slow_then_lands, failures)
+    settler.defer("settle")
+    started.wait()
+    assert settler.drain(0) == 0 and failures.unsettled == 0 and settler.pending == 0
+
+
+def test_a_forked_child_starts_with_no_queued_settles() -> None:
+    def always_down(call: str) -> None:
+        raise outage()
+
+    settler = Settler(always_down, _runtime.Failures())
+    settler.defer("settle")
+    pid = os.fork()
+    if pid == 0:  # the child: nothing queued, nothing retried
+        os._exit(0 if settler.pending == 0 and settler._thread is None else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert settler.pending == 1
+    settler.drain(0)
+
+
+def test_the_process_exit_drains_what_is_queued_and_says_what_was_lost() -> None:
+    script = """
+import logging
+from redis import ConnectionError
+from usage_guard import BackendUnavailable, _runtime, settling
+logging.basicConfig()
+settling.EXIT_TIMEOUT = 0.2
+def down(call):
+    raise BackendUnavailable("down") from ConnectionError("refused")
+settling.Settler(down, _runtime.Failures()).defer("settle")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0
+    assert "1 settles or cancels could not reach Redis" in done.stderr

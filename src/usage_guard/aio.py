@@ -144,9 +144,8 @@ class AsyncUsageGuard:
     async def _settle(self, call: Call[bool]) -> bool:
         try:
             return await self._run(call)
-        except BackendUnavailable:
-            self.sync.settler.defer(call)  # retried in the background, as on the sync side
-            return True
+        except BackendUnavailable as unavailable:
+            return self.sync._defer(call, unavailable)
 
     async def aclose(self, *, settle_timeout: float = 5.0) -> None:
         """Close this event loop's connection, after up to ``settle_timeout`` seconds for

@@ -19,6 +19,7 @@ from ._core import (
 from .catalog import DEFAULT_CATALOG, Catalog
 from .decision import Decision
 from .errors import BackendUnavailable
+from .faults import Fault, classify
 from .health import PROBES, Health, assess, probe
 from .periods import Clock
 from .plans import Plan
@@ -215,9 +216,17 @@ class UsageGuard:
     def _settle(self, call: Call[bool]) -> bool:
         try:
             return self._run(call)
-        except BackendUnavailable:
-            self.settler.defer(call)
-            return True
+        except BackendUnavailable as unavailable:
+            return self._defer(call, unavailable)
+
+    def _defer(self, call: Call[bool], unavailable: BackendUnavailable) -> bool:
+        """An outage: retried in the background (True: it will land). Anything else would
+        fail again: given up (already logged with its traceback), False."""
+        if classify(unavailable.__cause__ or unavailable) is Fault.UNEXPECTED:
+            self.engine.failures.unsettled += 1
+            return False
+        self.settler.defer(call)
+        return True
 
     def close(self, *, settle_timeout: float = 5.0) -> None:
         """Close the connections, after up to ``settle_timeout`` seconds for settles that
