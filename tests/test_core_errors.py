@@ -46,6 +46,9 @@ REPLIES = {
     "NOAUTH Authentication required.": Fault.MISCONFIGURED,
     "WRONGPASS invalid username-password pair or user is disabled.": Fault.MISCONFIGURED,
     "NOPERM this user has no permissions to run the 'evalsha' command": Fault.MISCONFIGURED,
+    "ERR The user executing the script can't run this command or subcommand script: f_1": (
+        Fault.MISCONFIGURED
+    ),
     "WRONGTYPE Operation against a key holding the wrong kind of value": Fault.UNEXPECTED,
     "ERR Error running script (call to f_0123): @user_script:1: bad": Fault.UNEXPECTED,
 }

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -136,10 +139,78 @@ def test_an_unreachable_server_is_unavailable(tmp_path: Path) -> None:
     assert not isinstance(raised.value, BackendMisconfigured)
 
 
-def test_redacted() -> None:
-    assert redacted("redis://u:secret@h:1/0?x=1") == "redis://u:***@h:1/0?x=1"
-    assert redacted("redis://:secret@h") == "redis://:***@h"
-    assert redacted("redis://h:1") == "redis://h:1"
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://u:secret@h:1/0?x=1", "redis://h:1"),
+        ("redis://:secret@h", "redis://h"),
+        ("redis://h:1?password=secret", "redis://h:1"),
+        ("redis://:p@ss/w:rd#1%@127.0.0.1:6379", "redis://127.0.0.1:6379"),
+        ("rediss://[::1]:6380/2", "rediss://[::1]:6380"),
+        ("redis+cluster://:secret@h1:7000,h2:7001", "redis+cluster://h1:7000,h2:7001"),
+        ("redis://se cret@h", "redis://h"),
+    ],
+)
+def test_redacted_never_shows_credentials(url: str, shown: str) -> None:
+    assert redacted(url) == shown
+
+
+def test_a_password_in_the_query_never_shows(tmp_path: Path) -> None:
+    server = RedisProcess(tmp_path, *SAFE, "--requirepass", "right-pass")
+    try:
+        with pytest.raises(BackendMisconfigured) as raised:
+            ping_both(f"redis://127.0.0.1:{server.port}/0?password=wrong-pass")
+        assert "wrong-pass" not in str(raised.value)
+    finally:
+        server.stop()
+
+
+def test_a_user_who_may_eval_but_not_load_scripts_passes(tmp_path: Path) -> None:
+    server = RedisProcess(tmp_path, *SAFE)
+    try:
+        import redis
+
+        with redis.Redis(port=server.port) as admin:
+            admin.acl_setuser("evalonly", enabled=True, passwords=["+pw"], keys=["*"],
+                              commands=["+@all", "-script"])  # fmt: skip
+        url = f"redis://evalonly:pw@127.0.0.1:{server.port}/0"
+        assert ping_both(url).ok
+        guard = UsageGuard.from_url(url, plans=PLANS, default_plan="free")
+        assert guard.consume("acme", "emails").scope == "organization"
+        guard.close()
+    finally:
+        server.stop()
+
+
+def test_a_replica_warns_that_writes_will_fail(tmp_path: Path) -> None:
+    primary = RedisProcess(tmp_path / "primary", *SAFE)
+    replica = RedisProcess(
+        tmp_path / "replica", *SAFE, "--replicaof", "127.0.0.1", str(primary.port)
+    )
+    try:
+        [warning] = ping_both(replica.url).warnings
+        assert "read-only replica" in warning
+    finally:
+        replica.stop()
+        primary.stop()
+
+
+def test_a_hung_redis_costs_one_timeout_not_one_per_probe(tmp_path: Path) -> None:
+    server = RedisProcess(tmp_path, *SAFE)
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            ping_both(server.url)  # both sides: two timeouts of 0.5 s
+        assert time.monotonic() - started < 2 * 0.5 + 1
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+        server.stop()
+
+
+def test_an_unreadable_ca_file_is_a_misconfiguration() -> None:
+    with pytest.raises(BackendMisconfigured):
+        ping_both("rediss://127.0.0.1:1/0?ssl_ca_certs=/nonexistent/ca.pem")
 
 
 # -- at start-up -----------------------------------------------------------------------
@@ -181,6 +252,9 @@ def test_startup_fails_on_a_misconfiguration_and_warns_on_an_outage(
         [failed] = lifespan(guarded(f"redis://:wrong@127.0.0.1:{server.port}/0"))
         assert failed["type"] == "lifespan.startup.failed"
         assert "AuthenticationError" in failed["message"]
+        # A bug or a bad setting found while starting fails start-up too, never skips it.
+        [broken] = lifespan(guarded("rediss://127.0.0.1:1/0?ssl_ca_certs=/nonexistent"))
+        assert broken["type"] == "lifespan.startup.failed"
         started = lifespan(guarded(f"redis://:right-pass@127.0.0.1:{server.port}/0"))
         assert [m["type"] for m in started] == [
             "lifespan.startup.complete",

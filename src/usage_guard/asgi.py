@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .aio import AsyncUsageGuard
 from .context import AnyGuard, bind, unbind
 from .decision import Decision
-from .errors import BackendMisconfigured, InvalidIdentifier, UsageLimitExceeded
+from .errors import InvalidIdentifier, UsageLimitExceeded
 from .health import at_startup_async
 from .problem import (
     INVALID_IDENTITY,
@@ -251,7 +251,9 @@ class UsageGuardMiddleware:
         if first["type"] == "lifespan.startup":
             try:
                 await at_startup_async(self.aguard.ping)
-            except BackendMisconfigured as error:
+            except Exception as error:  # misconfigured, or a bug: either way, not started
+                # A raised exception would read as "lifespan unsupported" to uvicorn, which
+                # then starts the app without its own start-up.
                 await send({"type": "lifespan.startup.failed", "message": str(error)})
                 return
         pending: list[Message] = [first]

@@ -38,6 +38,10 @@ _MISCONFIGURED: tuple[type[BaseException], ...] = (
     redis_errors.AuthorizationError,
     redis_errors.NoPermissionError,
     redis_errors.ExternalAuthProviderError,
+    # Local files a URL names (ssl_ca_certs, ssl_certfile) that cannot be read.
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
 )
 # Error replies redis-py leaves as a bare ResponseError that still mean "not now".
 _OUTAGE_REPLIES = (
@@ -62,9 +66,15 @@ _OUTAGE: tuple[type[BaseException], ...] = (
 )
 
 
+# A script's command refused by the ACL: NOPERM, reported as a script error.
+_SCRIPT_NOPERM = "The user executing the script can't run this command"
+
+
 def classify(error: BaseException) -> Fault:
     """What ``error``, raised by a storage client, means for the request."""
-    if _misconfigured(error):
+    if _misconfigured(error) or (
+        isinstance(error, redis_errors.ResponseError) and _SCRIPT_NOPERM in str(error)
+    ):
         return Fault.MISCONFIGURED
     if isinstance(error, redis_errors.ResponseError) and not isinstance(error, _OUTAGE):
         return Fault.OUTAGE if str(error).startswith(_OUTAGE_REPLIES) else Fault.UNEXPECTED

@@ -20,7 +20,7 @@ from .catalog import DEFAULT_CATALOG, Catalog
 from .decision import Decision
 from .errors import BackendUnavailable
 from .faults import Fault, classify
-from .health import PROBES, Health, assess, probe
+from .health import PROBES, Health, assess
 from .periods import Clock
 from .plans import Plan
 from .report import Report
@@ -200,8 +200,15 @@ class UsageGuard:
         :class:`BackendUnavailable`; warns (``Health.warnings`` and a logged
         WARNING) when Redis may evict counters or keeps none on disk.
         """
-        command = self.backend.sync().command
-        return assess(self.backend.url, [probe(command, args) for args in PROBES])
+        replies: list[Any] = []
+        for probe in PROBES:
+            try:
+                replies.append(self.backend.sync().command(*probe.args))
+            except Exception as error:  # building the client included: assess() reads it
+                replies.append(error)
+            if probe.stops(replies[-1]):
+                break
+        return assess(self.backend.url, replies)
 
     # -- reading ------------------------------------------------------------------------
 

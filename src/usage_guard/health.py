@@ -1,7 +1,7 @@
 """``guard.ping()``: can the guard work with its Redis, and can that Redis lose counters?
 
 Pure: :data:`PROBES` are the commands a ping sends (after the connection's own
-``AUTH``/``SELECT``), :func:`assess` reads what came back. A misconfiguration
+``AUTH``/``SELECT``), :func:`assess` reads what came back; the guards send them. A misconfiguration
 (credentials, ACL, TLS) raises :class:`~usage_guard.BackendMisconfigured`, an
 outage :class:`~usage_guard.BackendUnavailable`; a server that may evict or
 lose counters is reported in :attr:`Health.warnings` (and logged as WARNING
@@ -11,10 +11,11 @@ by the guard).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from redis.exceptions import ResponseError
 
@@ -26,12 +27,35 @@ logger = logging.getLogger("usage_guard")
 
 #: The oldest Redis the scripts and ``AUTH user password`` work with.
 MIN_VERSION = (6, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """One command of a ping. A required one must succeed; an optional one may be refused
+    (ACL) or unknown (renamed on managed services) and then says nothing."""
+
+    name: str
+    args: tuple[str, ...]
+    required: bool = False
+
+    def stops(self, reply: Any) -> bool:
+        """Whether ``reply`` ends the ping: a failure it cannot go past."""
+        if not isinstance(reply, Exception):
+            return False
+        refused = isinstance(reply, ResponseError) and classify(reply) is not Fault.OUTAGE
+        return self.required or not refused
+
+
 _SETTINGS = ("maxmemory-policy", "save", "appendonly")
-#: What a ping sends: loading each script proves EVAL is allowed and primes every node.
-PROBES: tuple[tuple[str, ...], ...] = (
-    *(("SCRIPT", "LOAD", SOURCES[name]) for name in SCRIPTS),
-    ("INFO", "server"),
-    *(("CONFIG", "GET", setting) for setting in _SETTINGS),
+#: What a ping sends, in order, after the connection's own AUTH and SELECT. EVAL is what
+#: the scripts need (the clients load them with it after NOSCRIPT); SCRIPT LOAD primes
+#: every node but may be refused to a user who can still EVAL.
+PROBES: tuple[Probe, ...] = (
+    Probe("eval", ("EVAL", "return 1", "0"), required=True),
+    *(Probe(f"load {name}", ("SCRIPT", "LOAD", SOURCES[name])) for name in SCRIPTS),
+    Probe("server", ("INFO", "server")),
+    Probe("replication", ("INFO", "replication")),
+    *(Probe(setting, ("CONFIG", "GET", setting)) for setting in _SETTINGS),
 )
 
 
@@ -49,44 +73,41 @@ class Health:
 
 
 def redacted(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    """Where ``url`` points, ``scheme://host:port``, for messages and logs: never its
+    credentials, wherever in the URL they are (user info, a query's ``password=``)."""
+    scheme, _, rest = url.partition("://")
+    where = re.split(r"[/?#]", rest.rpartition("@")[2], maxsplit=1)[0]
+    if not re.fullmatch(r"[\w.\-:\[\],]*", where):
+        where = "…"
+    return f"{scheme}://{where}"
 
 
 def assess(url: str, replies: Sequence[Any]) -> Health:
-    """Read the replies to :data:`PROBES` (an exception where a command failed)."""
-    scripts, optional = replies[: len(SCRIPTS)], replies[len(SCRIPTS) :]
-    for reply in scripts:
-        if isinstance(reply, Exception):
+    """Read the replies to :data:`PROBES`, in order (an exception where a command failed);
+    they end at the first that :meth:`Probe.stops` the ping."""
+    answered: dict[str, Any] = {}
+    for probe, reply in zip(PROBES, replies, strict=False):
+        if probe.stops(reply):
             raise _unusable(url, reply)
-    for reply in optional:
-        # INFO and CONFIG may be refused (ACL) or renamed (managed services): then they
-        # say nothing; the scripts, which the guard needs, loaded.
-        if isinstance(reply, Exception) and not (
-            isinstance(reply, ResponseError) and classify(reply) is not Fault.OUTAGE
-        ):
-            raise _unusable(url, reply)
-    info, *settings = (None if isinstance(r, Exception) else r for r in optional)
-    version = None if info is None else _version(info)
+        if not isinstance(reply, Exception):
+            answered[probe.name] = reply
+    version = _field(answered.get("server"), "redis_version")
     warnings = []
     if version is not None and tuple(int(p) for p in version.split(".")[:2]) < MIN_VERSION:
         warnings.append(f"Redis {version} is older than 6.0, which usage_guard needs")
-    read: dict[str, str] = {}
-    for reply in settings:
-        if reply is not None:
-            read.update(_pairs(reply))
-    policy = read.get("maxmemory-policy")
+    if _field(answered.get("replication"), "role") in ("slave", "replica"):
+        warnings.append("this is a read-only replica: every consumption will fail (READONLY)")
+    settings: dict[str, str] = {}
+    for setting in _SETTINGS:
+        if setting in answered:
+            settings.update(_pairs(answered[setting]))
+    policy = settings.get("maxmemory-policy")
     if policy is not None and policy != "noeviction":
         warnings.append(
             f"maxmemory-policy is {policy!r}: Redis may evict counters when memory is full "
             "(use noeviction: writes then fail and on_backend_error decides)"
         )
-    if read.get("save") == "" and read.get("appendonly") == "no":
+    if settings.get("save") == "" and settings.get("appendonly") == "no":
         warnings.append(
             "persistence is off (no RDB save points, no AOF): a restart loses every counter"
         )
@@ -94,21 +115,6 @@ def assess(url: str, replies: Sequence[Any]) -> Health:
     for warning in health.warnings:
         logger.warning("usage_guard: %s at %s", warning, health.url)
     return health
-
-
-def probe(command: Callable[..., Any], args: Sequence[str]) -> Any:
-    """One probe's reply, or the exception it raised (for :func:`assess` to read)."""
-    try:
-        return command(*args)
-    except Exception as error:
-        return error
-
-
-async def aprobe(command: Callable[..., Awaitable[Any]], args: Sequence[str]) -> Any:
-    try:
-        return await command(*args)
-    except Exception as error:
-        return error
 
 
 def at_startup(ping: Callable[[], Health]) -> Health | None:
@@ -155,12 +161,15 @@ def _unusable(url: str, error: Exception) -> Exception:
     return BackendUnavailable(f"Redis at {where} is unavailable: {type(error).__name__}: {message}")
 
 
-def _version(info: Any) -> str | None:
-    if isinstance(info, Mapping):  # redis-py parses INFO
-        version = info.get("redis_version")
-        return None if version is None else str(version)
+def _field(info: Any, name: str) -> str | None:
+    """One field of an ``INFO`` reply: text (RESP2), or a dict (redis-py parses it)."""
+    if info is None:
+        return None
+    if isinstance(info, Mapping):
+        value = info.get(name)
+        return None if value is None else str(value)
     for line in str(info).splitlines():
-        if line.startswith("redis_version:"):
+        if line.startswith(f"{name}:"):
             return line.partition(":")[2].strip()
     return None
 
