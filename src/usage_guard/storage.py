@@ -3,14 +3,16 @@
 ``memory://`` runs the same Lua in-process through fakeredis + lupa (each URL
 gets its own server; ``memory://NAME`` shares one by name within the process);
 ``redis://`` and ``rediss://`` use the lean clients of :mod:`usage_guard.wire`;
-``redis+cluster://`` uses redis-py's cluster clients. Every client sends
-EVALSHA and loads the script again after NOSCRIPT.
+``redis+cluster://host:7000,host:7001,…`` uses redis-py's cluster clients,
+discovering the cluster from whichever seed answers. Every client sends EVALSHA
+and loads the script again after NOSCRIPT.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any, Protocol, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -20,22 +22,32 @@ import redis.asyncio.cluster
 import redis.cluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisClusterException
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    NoScriptError,
+    TryAgainError,
+)
 from redis.retry import Retry
 
 from .errors import InvalidUsage
 from .scripts import SOURCES
 from .wire import Endpoint, PipelinedScripts, SocketScripts
 
-#: Errors that mean "Redis could not answer", as opposed to a bug in a script.
-BACKEND_ERRORS: tuple[type[Exception], ...] = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    redis.exceptions.ClusterDownError,
-    redis.exceptions.TryAgainError,
-    RedisClusterException,
-    OSError,
-)
+#: Seconds before trying again a script whose slot is being migrated: the first wait,
+#: doubled each time up to the second.
+RESHARD_DELAYS = (0.01, 0.05)
+
+
+def _slot_moving(error: Exception) -> bool:
+    """Whether ``error`` means the script did not run because its slot is being migrated.
+
+    redis-py follows MOVED, ASK and TRYAGAIN itself, 16 times at most, then raises a
+    bare ``ClusterError("TTL exhausted.")``; its subclass ``ClusterDownError`` is an
+    outage, not a migration. A timeout or connection error never qualifies: the script
+    may have run, and running it again would count twice.
+    """
+    return isinstance(error, (TryAgainError, AskError)) or type(error) is ClusterError
 
 
 class ScriptRunner(Protocol):
@@ -66,13 +78,28 @@ class RedisScripts:
 
     EVALSHA is sent directly (``Script.__call__`` costs about 10 µs more per call);
     on NOSCRIPT (a flushed or new server) the registered ``Script`` loads and runs it.
+    While the slot of a call's keys is being migrated, the call is tried again until
+    ``timeout`` seconds have passed since it began.
     """
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, *, timeout: float) -> None:
         self.client = client
         self._scripts = {name: client.register_script(src) for name, src in SOURCES.items()}
+        self._timeout = timeout
 
     def run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
+        deadline = time.monotonic() + self._timeout
+        delay = RESHARD_DELAYS[0]
+        while True:
+            try:
+                return self._evalsha(script, keys, args)
+            except Exception as error:
+                if not _slot_moving(error) or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, RESHARD_DELAYS[1])
+
+    def _evalsha(self, script: str, keys: list[str], args: list[str | int]) -> Any:
         registered = self._scripts[script]
         try:
             return self.client.evalsha(registered.sha, len(keys), *keys, *args)
@@ -92,13 +119,20 @@ class RedisScripts:
 
 
 class AsyncRedisScripts:
-    """Runs the scripts on an asyncio client, at most ``max_in_flight`` calls at once.
+    """Runs the scripts on an asyncio client, at most ``max_in_flight`` calls at once,
+    each answered within ``wait`` seconds.
 
     redis-py's asyncio pools (and its cluster client, per node) fail at once past
     ``max_connections`` instead of waiting; its blocking pool waits but costs
-    about 30 µs per call. A semaphore of the same size makes a burst wait up to
-    ``wait`` seconds for a turn (then it counts as an outage) and costs nothing
-    while turns are free.
+    about 30 µs per call. A semaphore of the same size makes a burst wait for a
+    turn (past ``wait`` it counts as an outage) and costs nothing while turns are free.
+
+    The socket timeout bounds each reply, not a call: after a failure redis-py's
+    cluster client rediscovers the cluster on the next call, and may ask a hung node
+    first. So each call runs as a task that is given up, not cancelled, at its
+    deadline (a cancelled set-up closes every connection of the client, under the
+    other calls in flight). Like the sync side, it is tried again while its slot is
+    being migrated.
     """
 
     def __init__(self, client: Any, *, max_in_flight: int, wait: float) -> None:
@@ -110,6 +144,7 @@ class AsyncRedisScripts:
         # calls races that set-up and drops connections: they all wait for one set-up.
         self._connected = not isinstance(client, redis.asyncio.cluster.RedisCluster)
         self._connecting: asyncio.Future[Any] | None = None
+        self._pending: set[asyncio.Future[Any]] = set()
 
     async def _connect(self) -> None:
         if self._connecting is None:
@@ -125,19 +160,42 @@ class AsyncRedisScripts:
         self._connected = True
 
     async def run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
+        deadline = time.monotonic() + self._wait
         if not self._connected:
             await self._connect()
         if self._turns.locked():
             try:
-                await asyncio.wait_for(self._turns.acquire(), self._wait)
+                await asyncio.wait_for(self._turns.acquire(), deadline - time.monotonic())
             except asyncio.TimeoutError:
                 raise redis.ConnectionError("no connection free within the timeout") from None
         else:
             await self._turns.acquire()
-        try:
-            return await self._evalsha(script, keys, args)
-        finally:
-            self._turns.release()
+        call = asyncio.ensure_future(self._tries(script, keys, args, deadline))
+        self._pending.add(call)
+        call.add_done_callback(self._finished)
+        done, _ = await asyncio.wait((call,), timeout=deadline - time.monotonic())
+        if not done:
+            raise redis.TimeoutError("Redis Cluster did not answer within the timeout")
+        return call.result()
+
+    def _finished(self, call: asyncio.Future[Any]) -> None:
+        self._turns.release()
+        self._pending.discard(call)
+        if not call.cancelled():
+            call.exception()  # read: a call given up on must not log "never retrieved"
+
+    async def _tries(
+        self, script: str, keys: list[str], args: list[str | int], deadline: float
+    ) -> Any:
+        delay = RESHARD_DELAYS[0]
+        while True:
+            try:
+                return await self._evalsha(script, keys, args)
+            except Exception as error:
+                if not _slot_moving(error) or time.monotonic() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RESHARD_DELAYS[1])
 
     async def _evalsha(self, script: str, keys: list[str], args: list[str | int]) -> Any:
         registered = self._scripts[script]
@@ -150,6 +208,9 @@ class AsyncRedisScripts:
         return await self.client.execute_command(*args)
 
     async def close(self) -> None:
+        for call in self._pending:
+            call.cancel()
+        await asyncio.gather(*self._pending, return_exceptions=True)
         # A client made with a connection pool (fakeredis's) leaves that pool open on aclose().
         pool = getattr(self.client, "connection_pool", None)
         await self.client.aclose()
@@ -179,6 +240,7 @@ class Backend:
         self.timeout = timeout
         self.max_connections = max_connections
         self._parts = parts
+        self._seeds = cluster_seeds(url) if parts.scheme.endswith("+cluster") else None
         self._server: Any = None
         if parts.scheme == "memory":
             self._server = _memory_server(parts.netloc + parts.path)
@@ -197,16 +259,12 @@ class Backend:
             "socket_connect_timeout": self.timeout,
         }
 
-    def _real_url(self) -> str:
-        scheme = self._parts.scheme.removesuffix("+cluster")
-        return urlunsplit((scheme, *self._parts[1:]))
-
     def sync(self) -> ScriptRunner:
         if self._sync is None:
             if self.kind in ("redis", "rediss"):
                 self._sync = SocketScripts(Endpoint.from_url(self.url, self.timeout))
             else:
-                self._sync = RedisScripts(self._sync_client())
+                self._sync = RedisScripts(self._sync_client(), timeout=self.timeout)
         return self._sync
 
     def aio(self) -> AsyncScriptRunner:
@@ -224,8 +282,16 @@ class Backend:
             import fakeredis
 
             return fakeredis.FakeRedis(server=self._server, decode_responses=True)
+        assert self._seeds is not None
+        first, seeds = self._seeds
         return redis.cluster.RedisCluster.from_url(
-            self._real_url(), retry=Retry(NoBackoff(), 0), **self._redis_options()
+            first,
+            startup_nodes=[cast(Any, redis.cluster).ClusterNode(h, p) for h, p in seeds[1:]],
+            retry=Retry(NoBackoff(), 0),
+            # A MOVED names the slot's new owner: by default every 5th one also rediscovers
+            # the whole cluster and reconnects to every node, for nothing.
+            reinitialize_steps=0,
+            **self._redis_options(),
         )
 
     def _async_client(self) -> Any:
@@ -235,8 +301,19 @@ class Backend:
             return fakeredis.FakeAsyncRedis(
                 server=self._server, decode_responses=True, max_connections=self.max_connections
             )
+        assert self._seeds is not None
+        first, seeds = self._seeds
         return redis.asyncio.cluster.RedisCluster.from_url(
-            self._real_url(), retry=AsyncRetry(NoBackoff(), 0), **self._redis_options()
+            first,
+            startup_nodes=[
+                redis.asyncio.cluster.ClusterNode(host, port) for host, port in seeds[1:]
+            ],
+            retry=AsyncRetry(NoBackoff(), 0),
+            # A MOVED patches the slot table; by default every 5th one closes every
+            # connection under the calls in flight, whose failures bring more MOVEDs: a
+            # slot migration or failover then failed ~half the calls of every org for 40 s+.
+            reinitialize_steps=0,
+            **self._redis_options(),
         )
 
     def close(self) -> None:
@@ -248,6 +325,30 @@ class Backend:
         if self._async is not None:
             await self._async.close()
             self._async = None
+
+
+def cluster_seeds(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """Split ``redis+cluster://[user:password@]h1:7000,h2:7001,…[/0][?options]``.
+
+    Returns the URL of the first seed alone (``redis://`` or ``rediss://``, with the
+    credentials, path and options, for redis-py's ``from_url``) and every seed's
+    ``(host, port)``: the cluster is discovered from whichever seed answers first.
+    """
+    parts = urlsplit(url)
+    credentials, at, hosts = parts.netloc.rpartition("@")
+    seeds = []
+    for seed in hosts.split(","):
+        try:
+            address = urlsplit(f"//{seed}")
+            host, port = address.hostname, address.port or 6379
+        except ValueError:
+            host = None
+        if not host:
+            raise InvalidUsage(f"invalid Redis Cluster seed {seed!r} in the storage URL")
+        seeds.append((host, port))
+    first = f"{credentials}{at}{hosts.split(',', 1)[0]}"
+    scheme = parts.scheme.removesuffix("+cluster")
+    return urlunsplit((scheme, first, parts.path, parts.query, parts.fragment)), seeds
 
 
 def _memory_server(name: str) -> Any:
