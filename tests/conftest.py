@@ -168,7 +168,10 @@ def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     cluster.stop()
 
 
-BACKENDS = ["memory"] + (["redis"] if REDIS_URL else []) + (["cluster"] if CLUSTER else [])
+# "redis-py": the same server through redis-py's client instead of the lean one.
+BACKENDS = (
+    ["memory"] + (["redis", "redis-py"] if REDIS_URL else []) + (["cluster"] if CLUSTER else [])
+)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -177,6 +180,8 @@ def storage_url(request: pytest.FixtureRequest) -> str:
         return "memory://"
     if request.param == "redis":
         return REDIS_URL
+    if request.param == "redis-py":
+        return REDIS_URL + ("&" if "?" in REDIS_URL else "?") + "client=redis-py"
     return str(request.getfixturevalue("cluster_url"))
 
 
@@ -253,7 +258,7 @@ def make_guard(storage_url: str, clock: Clock) -> Iterator[Callable[..., UsageGu
     for guard, prefix in made:
         guard.close()
         if not storage_url.startswith("memory"):
-            delete_prefix(storage_url, prefix)
+            delete_prefix(guard.backend.client_url, prefix)
     if not storage_url.startswith("memory"):
         gc.collect()  # an unclosed connection then warns in the test that leaked it
 

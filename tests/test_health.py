@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from conftest import RedisProcess
 from usage_guard import (
     BackendMisconfigured,
     BackendUnavailable,
+    InvalidUsage,
     Plan,
     UsageGuard,
     UsageGuardMiddleware,
@@ -208,9 +210,20 @@ def test_a_hung_redis_costs_one_timeout_not_one_per_probe(tmp_path: Path) -> Non
         server.stop()
 
 
-def test_an_unreadable_ca_file_is_a_misconfiguration() -> None:
-    with pytest.raises(BackendMisconfigured):
-        ping_both("rediss://127.0.0.1:1/0?ssl_ca_certs=/nonexistent/ca.pem")
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("rediss://127.0.0.1:1/0?ssl_ca_certs=/nonexistent/ca.pem", "No such file"),
+        ("redis://127.0.0.1:port/0", "Port could not be cast"),
+        ("redis://127.0.0.1:1/0?ssl_check_hostname=false", "add client=redis-py"),
+        ("redis://127.0.0.1:1/0?client=hiredis", "'lean' (the default) or 'redis-py'"),
+        ("redis+sentinel://:s3cret@127.0.0.1", "unsupported storage URL"),
+    ],
+)
+def test_a_url_the_client_cannot_follow_fails_at_once(url: str, says: str) -> None:
+    with pytest.raises(InvalidUsage, match=re.escape(says)) as raised:
+        UsageGuard.from_url(url)
+    assert "s3cret" not in str(raised.value)
 
 
 # -- at start-up -----------------------------------------------------------------------
@@ -252,8 +265,13 @@ def test_startup_fails_on_a_misconfiguration_and_warns_on_an_outage(
         [failed] = lifespan(guarded(f"redis://:wrong@127.0.0.1:{server.port}/0"))
         assert failed["type"] == "lifespan.startup.failed"
         assert "AuthenticationError" in failed["message"]
-        # A bug or a bad setting found while starting fails start-up too, never skips it.
-        [broken] = lifespan(guarded("rediss://127.0.0.1:1/0?ssl_ca_certs=/nonexistent"))
+        # A bug found while starting fails start-up too, never skips it.
+        buggy = guarded(f"redis://:right-pass@127.0.0.1:{server.port}/0")
+        middleware = buggy.build_middleware_stack()
+        while not isinstance(middleware, UsageGuardMiddleware):
+            middleware = middleware.app
+        middleware.aguard.ping = lambda: 1 / 0  # type: ignore[method-assign,assignment,return-value]
+        [broken] = lifespan(middleware)
         assert broken["type"] == "lifespan.startup.failed"
         started = lifespan(guarded(f"redis://:right-pass@127.0.0.1:{server.port}/0"))
         assert [m["type"] for m in started] == [
@@ -279,3 +297,16 @@ def test_startup_fails_on_a_misconfiguration_and_warns_on_an_outage(
         )
     assert down[0]["type"] == "lifespan.startup.complete"
     assert sum("starting anyway" in r.getMessage() for r in caplog.records) == 2
+
+
+@pytest.mark.cluster
+def test_a_cluster_answers_a_ping_on_both_sides(cluster_url: str) -> None:
+    health = ping_both(cluster_url)
+    assert health.version is not None and health.url == cluster_url
+
+
+def test_a_cluster_nobody_answers_is_unavailable() -> None:
+    with pytest.raises(BackendUnavailable) as raised:
+        ping_both("redis+cluster://:s3cret@127.0.0.1:1,127.0.0.1:2")
+    assert not isinstance(raised.value, BackendMisconfigured)
+    assert "s3cret" not in str(raised.value)

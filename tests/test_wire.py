@@ -19,8 +19,9 @@ import redis
 
 from conftest import RedisProcess
 from scripted import ScriptedServer
-from usage_guard import BackendMisconfigured, BackendUnavailable, Plan, UsageGuard
+from usage_guard import BackendMisconfigured, BackendUnavailable, InvalidUsage, Plan, UsageGuard
 from usage_guard.periods import Period, utc_now
+from usage_guard.storage import RedisScripts
 from usage_guard.wire import IDLE_SOCKETS, Endpoint, PipelinedScripts, SocketScripts, pack
 
 PLANS = {"free": Plan("free", {"emails": 1_000_000, "ai_tokens": 1_000_000})}
@@ -300,6 +301,11 @@ def test_rediss_verifies_certificates_both_ways(tmp_path: Path) -> None:
         # The server's certificate checked against a given CA, or not checked at all.
         assert both_sides(f"{url}&ssl_ca_certs={cert}") == (1, 2)
         assert both_sides(f"{url}&ssl_cert_reqs=none") == (3, 4)
+        # Options only redis-py follows: refused by the lean client, followed by redis-py's.
+        relaxed = f"{url}&ssl_ca_certs={cert}&ssl_check_hostname=false"
+        with pytest.raises(InvalidUsage, match="ssl_check_hostname"):
+            UsageGuard.from_url(relaxed)
+        assert both_sides(f"{relaxed}&client=redis-py") == (5, 6)
         # Refused, so an outage rather than a connection: the self-signed certificate
         # without its CA, and a client without the certificate this server asks for.
         # ping() names the unverified certificate a misconfiguration; a server missing the
@@ -358,3 +364,18 @@ def test_a_redis_that_stops_reading_gets_back_pressure_not_an_unbounded_buffer()
     assert buffered < 1_000_000
     assert all(isinstance(o, (redis.TimeoutError, redis.ConnectionError)) for o in outcomes)
     assert took < TIMEOUT + 0.5
+
+
+@pytest.mark.real_redis
+def test_a_unix_socket_goes_through_redis_py(tmp_path: Path) -> None:
+    path = tmp_path / "redis.sock"
+    server = RedisProcess(tmp_path / "redis", "--unixsocket", str(path), "--unixsocketperm", "700")
+    try:
+        guard = UsageGuard.from_url(f"unix://{path}?db=2")
+        assert isinstance(guard.backend.sync(), RedisScripts)
+        guard.close()
+        assert both_sides(f"unix://{path}?db=2") == (1, 2)
+        with redis.Redis(unix_socket_path=str(path), db=2) as plain:
+            assert len(plain.keys("ug:{acme}:*")) == 1
+    finally:
+        server.stop()

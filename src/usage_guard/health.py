@@ -153,6 +153,8 @@ def _unusable(url: str, error: Exception) -> Exception:
         return error
     where = redacted(url)
     message = str(error).replace(urlsplit(url).password or "\0", "***")
+    if len(message) > 300:  # redis-py quotes whole commands, scripts included
+        message = message[:300] + "…"
     if fault is Fault.MISCONFIGURED:
         return BackendMisconfigured(
             f"Redis at {where} refuses this guard's configuration: "

@@ -49,7 +49,8 @@ class RateLimits:
             for name, plan in engine.plans.by_name.items()
         }
         backend = self.guard.backend
-        url = backend.url
+        # limits names a unix socket redis+unix://.
+        url = backend.client_url.replace("unix://", "redis+unix://", 1)
         options: dict[str, Any] = {}
         if not url.startswith("memory://"):
             # The guard's timeout bounds these calls too, and nothing is retried: a retried

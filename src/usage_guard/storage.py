@@ -14,7 +14,7 @@ import asyncio
 import threading
 import time
 from typing import Any, Protocol, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
@@ -31,6 +31,7 @@ from redis.exceptions import (
 from redis.retry import Retry
 
 from .errors import InvalidUsage
+from .health import redacted
 from .scripts import SOURCES
 from .wire import Endpoint, PipelinedScripts, SocketScripts
 
@@ -48,6 +49,18 @@ def _slot_moving(error: Exception) -> bool:
     may have run, and running it again would count twice.
     """
     return isinstance(error, (TryAgainError, AskError)) or type(error) is ClusterError
+
+
+def _routed(client: Any, args: tuple[str | int, ...]) -> dict[str, Any]:
+    """Where a cluster client sends a ping's commands without a key, which the async one
+    cannot route by itself: ``SCRIPT LOAD`` to every primary, ``INFO`` and ``CONFIG`` to one."""
+    if not isinstance(client, (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)):
+        return {}
+    if args[0] == "SCRIPT":
+        return {"target_nodes": client.get_primaries()}
+    if args[0] in ("INFO", "CONFIG"):
+        return {"target_nodes": client.get_primaries()[:1]}
+    return {}
 
 
 class ScriptRunner(Protocol):
@@ -74,7 +87,8 @@ class AsyncScriptRunner(Protocol):
 
 
 class RedisScripts:
-    """Runs the package's scripts on a redis-py cluster or fakeredis client: one EVALSHA each.
+    """Runs the package's scripts on a redis-py client (cluster, ``client=redis-py``) or
+    fakeredis: one EVALSHA each.
 
     EVALSHA is sent directly (``Script.__call__`` costs about 10 µs more per call);
     on NOSCRIPT (a flushed or new server) the registered ``Script`` loads and runs it.
@@ -107,7 +121,7 @@ class RedisScripts:
             return registered(keys=keys, args=args)
 
     def command(self, *args: str | int) -> Any:
-        return self.client.execute_command(*args)
+        return self.client.execute_command(*args, **_routed(self.client, args))
 
     def close(self) -> None:
         if isinstance(self.client, redis.cluster.RedisCluster):
@@ -205,7 +219,9 @@ class AsyncRedisScripts:
             return await registered(keys=keys, args=args)
 
     async def command(self, *args: str | int) -> Any:
-        return await self.client.execute_command(*args)
+        if not self._connected:
+            await self._connect()
+        return await self.client.execute_command(*args, **_routed(self.client, args))
 
     async def close(self) -> None:
         for call in self._pending:
@@ -222,17 +238,25 @@ _named_servers: dict[str, Any] = {}
 _named_lock = threading.Lock()
 
 
+SCHEMES = ("memory", "redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
+
 class Backend:
-    """The clients for one URL, made on first use: a guard and its async twin share it."""
+    """The clients for one URL, made on first use: a guard and its async twin share it.
+
+    ``redis://`` and ``rediss://`` go through the lean client unless the URL says
+    ``client=redis-py`` (for what the lean client does not follow: TLS options such
+    as ``ssl_check_hostname``, unix sockets); the URL is checked here, once.
+    """
 
     def __init__(self, url: str, *, timeout: float = 1.0, max_connections: int = 100) -> None:
         if not isinstance(url, str):
             raise InvalidUsage("the storage URL must be a str")
         parts = urlsplit(url)
-        if parts.scheme not in ("memory", "redis", "rediss", "redis+cluster", "rediss+cluster"):
+        if parts.scheme not in SCHEMES:
             raise InvalidUsage(
-                f"unsupported storage URL {url!r}: use memory://, redis://, rediss:// "
-                "or redis+cluster://"
+                f"unsupported storage URL {redacted(url)}: use memory://, redis://, rediss://, "
+                "unix:// or redis+cluster://"
             )
         if not timeout > 0:
             raise InvalidUsage("timeout must be a positive number of seconds")
@@ -240,7 +264,19 @@ class Backend:
         self.timeout = timeout
         self.max_connections = max_connections
         self._parts = parts
-        self._seeds = cluster_seeds(url) if parts.scheme.endswith("+cluster") else None
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        client = dict(query).get("client", "lean")
+        if client not in ("lean", "redis-py"):
+            raise InvalidUsage("client= in the storage URL is 'lean' (the default) or 'redis-py'")
+        #: The URL as redis-py reads it: without this library's own ``client`` option.
+        self.client_url = url
+        if any(k == "client" for k, _ in query):
+            others = urlencode([(k, v) for k, v in query if k != "client"])
+            self.client_url = urlunsplit(parts._replace(query=others))
+        self._endpoint: Endpoint | None = None
+        if parts.scheme in ("redis", "rediss") and client == "lean":
+            self._endpoint = _endpoint(self.client_url, timeout)
+        self._seeds = cluster_seeds(self.client_url) if parts.scheme.endswith("+cluster") else None
         self._server: Any = None
         if parts.scheme == "memory":
             self._server = _memory_server(parts.netloc + parts.path)
@@ -261,16 +297,16 @@ class Backend:
 
     def sync(self) -> ScriptRunner:
         if self._sync is None:
-            if self.kind in ("redis", "rediss"):
-                self._sync = SocketScripts(Endpoint.from_url(self.url, self.timeout))
+            if self._endpoint is not None:
+                self._sync = SocketScripts(self._endpoint)
             else:
                 self._sync = RedisScripts(self._sync_client(), timeout=self.timeout)
         return self._sync
 
     def aio(self) -> AsyncScriptRunner:
         if self._async is None:
-            if self.kind in ("redis", "rediss"):
-                self._async = PipelinedScripts(Endpoint.from_url(self.url, self.timeout))
+            if self._endpoint is not None:
+                self._async = PipelinedScripts(self._endpoint)
             else:
                 self._async = AsyncRedisScripts(
                     self._async_client(), max_in_flight=self.max_connections, wait=self.timeout
@@ -282,7 +318,10 @@ class Backend:
             import fakeredis
 
             return fakeredis.FakeRedis(server=self._server, decode_responses=True)
-        assert self._seeds is not None
+        if self._seeds is None:
+            return redis.Redis.from_url(
+                self.client_url, retry=Retry(NoBackoff(), 0), **self._redis_options()
+            )
         first, seeds = self._seeds
         return redis.cluster.RedisCluster.from_url(
             first,
@@ -301,7 +340,13 @@ class Backend:
             return fakeredis.FakeAsyncRedis(
                 server=self._server, decode_responses=True, max_connections=self.max_connections
             )
-        assert self._seeds is not None
+        if self._seeds is None:
+            return redis.asyncio.Redis.from_url(
+                self.client_url,
+                retry=AsyncRetry(NoBackoff(), 0),
+                max_connections=self.max_connections,
+                **self._redis_options(),
+            )
         first, seeds = self._seeds
         return redis.asyncio.cluster.RedisCluster.from_url(
             first,
@@ -325,6 +370,20 @@ class Backend:
         if self._async is not None:
             await self._async.close()
             self._async = None
+
+
+def _endpoint(url: str, timeout: float) -> Endpoint:
+    """The lean client's endpoint, or why the URL cannot have one (a bad port, a TLS file
+    that cannot be read, an option only redis-py follows)."""
+    try:
+        return Endpoint.from_url(url, timeout)
+    except LookupError as unread:
+        raise InvalidUsage(
+            f"the lean client does not follow {unread} in {redacted(url)}: "
+            "add client=redis-py to the URL to use redis-py's client"
+        ) from None
+    except (ValueError, OSError) as error:
+        raise InvalidUsage(f"cannot use the storage URL {redacted(url)}: {error}") from None
 
 
 def cluster_seeds(url: str) -> tuple[str, list[tuple[str, int]]]:

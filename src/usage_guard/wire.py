@@ -41,6 +41,11 @@ from .scripts import SHAS, SOURCES
 
 #: Bytes read from a socket at a time; the hot path's replies are far smaller.
 READ_SIZE = 65536
+#: What the lean client reads of a URL (as redis-py's ``parse_url`` names it).
+_READ_OPTIONS = frozenset(
+    {"host", "port", "username", "password", "db", "connection_class"}
+    | {"ssl_ca_certs", "ssl_cert_reqs", "ssl_certfile", "ssl_keyfile"}
+)
 #: Idle sync sockets kept for reuse; past it a returned socket is closed, so a burst of
 #: many threads does not hold as many Redis connections for ever.
 IDLE_SOCKETS = 16
@@ -61,7 +66,12 @@ class Endpoint:
 
     @classmethod
     def from_url(cls, url: str, timeout: float) -> Endpoint:
+        """Read ``url`` as redis-py does; raise :class:`LookupError` naming the options this
+        client does not follow (redis-py, ``?client=redis-py``, does)."""
         options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+        unread = sorted(set(options) - _READ_OPTIONS)
+        if unread:
+            raise LookupError(", ".join(unread))
         tls = None
         if url.startswith("rediss://"):
             tls = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
