@@ -65,13 +65,17 @@ class UsageGuard:
         timeout: float = 1.0,
         max_connections: int = 100,
     ) -> UsageGuard:
-        """A guard on ``memory://[NAME]``, ``redis://``, ``rediss://`` or ``redis+cluster://``.
+        """A guard on ``memory://[NAME]``, ``redis://``, ``rediss://``, ``unix://`` or
+        ``redis+cluster://h1:7000,h2:7001`` (``client=redis-py`` in a ``redis://`` URL:
+        redis-py's client instead of the lean one).
 
-        ``timeout`` (seconds) bounds connecting and every reply; past it, or with
+        ``timeout`` (seconds) bounds connecting and every reply (on a cluster, each
+        call as a whole, retries during a slot migration included); past it, or with
         Redis down, ``on_backend_error`` decides: ``"allow"`` (default) or
         ``"deny"``, or a mapping of metric to either (unlisted metrics allow).
-        ``max_connections`` caps the async calls in flight on ``redis+cluster://``
-        and ``memory://`` (``redis://`` multiplexes one connection per event loop).
+        ``max_connections`` caps the async calls in flight through redis-py's clients
+        and ``memory://`` (the lean client multiplexes one connection per event loop).
+        A URL the client cannot use raises :class:`InvalidUsage` here.
         """
         engine = Engine(
             plans=plans,
