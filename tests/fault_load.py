@@ -13,17 +13,11 @@ rest is free, e.g. ``"send@org3"``); ``outcome`` is whatever the request returns
 HTTP status, a decision kind), or the class name of the exception it raised.
 :class:`Load` then answers the questions a fault test asks: the worst latency, the
 counts by outcome, the recovery time after a moment. Times are ``time.monotonic()``.
-
-:class:`ReplyServer` is a loopback server that answers every command with one fixed
-reply (``-LOADING ...``, ``-BUSY ...``), for faults a real server cannot be made to show
-on cue.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import threading
 import time
 from collections import Counter
@@ -33,7 +27,6 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-import hiredis
 import httpx
 
 #: How long stopping may wait for the calls in flight before the harness gives up.
@@ -283,80 +276,3 @@ async def asgi_client(
     finally:
         for closer in close:
             await closer()
-
-
-class ReplyServer:
-    """A loopback server answering every command it reads with ``reply`` (raw RESP).
-
-    ``port=0`` picks a free one; give the port of a stopped server to stand in for it.
-    :meth:`close` stops listening and drops every connection, so the port can be taken
-    over (e.g. by a real ``redis-server``) at once.
-    """
-
-    def __init__(self, reply: bytes, port: int = 0) -> None:
-        self.reply = reply
-        self.listener = socket.create_server(("127.0.0.1", port))
-        self.listener.settimeout(0.05)
-        self.port = int(self.listener.getsockname()[1])
-        #: Commands answered so far.
-        self.commands = 0
-        self._connections: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._running = True
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
-
-    def _accept(self) -> None:
-        while self._running:
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                if not self._running:
-                    conn.close()
-                    return
-                self._connections.add(conn)
-                thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-                self._threads.append(thread)
-            thread.start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        reader = hiredis.Reader()
-        try:
-            while True:
-                try:
-                    data = conn.recv(65536)
-                except OSError:
-                    return
-                if not data:
-                    return
-                reader.feed(data)
-                answered = 0
-                while reader.gets() is not False:
-                    answered += 1
-                if answered:
-                    with self._lock:
-                        self.commands += answered
-                    try:
-                        conn.sendall(self.reply * answered)
-                    except OSError:
-                        return
-        finally:
-            with self._lock:
-                self._connections.discard(conn)
-            conn.close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._running = False
-            connections = list(self._connections)
-        self._threads[0].join(STOP_WAIT)
-        self.listener.close()
-        for conn in connections:
-            with contextlib.suppress(OSError):  # already closed by its thread
-                conn.shutdown(socket.SHUT_RDWR)
-        for thread in self._threads[1:]:
-            thread.join(STOP_WAIT)

@@ -48,10 +48,10 @@ from fault_load import (
     Call,
     Choose,
     Load,
-    ReplyServer,
     ThreadLoad,
     asgi_client,
 )
+from scripted import ScriptedServer
 from usage_guard import Decision, Plan, UsageGuard, UsageGuardMiddleware
 from usage_guard.asgi import Rule, from_headers
 from usage_guard.periods import Period, utc_now
@@ -581,7 +581,7 @@ def test_loading(mode: str, servers: Servers, caplog: pytest.LogCaptureFixture) 
         nonlocal answered_loading
         started = now()
         kill(server)
-        stand_in = ReplyServer(LOADING, port=server.port)
+        stand_in = ScriptedServer(lambda connection, command: LOADING, port=server.port)
         try:
             time.sleep(FAULT)
         finally:
