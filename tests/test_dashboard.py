@@ -252,6 +252,13 @@ def test_callers_only_ever_see_and_change_their_own_org(
         ("PUT", "/budgets/" + "u" * 300 + "/ai_tokens", {"json": {"budget": 5}}, 422),
         ("POST", "/budgets", {"data": {"metric": "ai_tokens", "budget": "5"}}, 422),
         ("POST", "/budgets", {"data": {"user": "a", "metric": "ai_tokens", "budget": "x"}}, 422),
+        # Past int()'s 4,300-digit limit, which raised outside the checks (a 500).
+        (
+            "POST",
+            "/budgets",
+            {"data": {"user": "a", "metric": "ai_tokens", "budget": "9" * 5000}},
+            422,
+        ),
         ("PUT", "/plan", {"json": {"plan": "platinum"}}, 422),
         ("PUT", "/plan", {"json": {"plan": 3}}, 422),
         ("PUT", "/limits/nope", {"json": {"limit": 5}}, 422),

@@ -3,8 +3,10 @@
 Per identified HTTP request it counts ``api_calls`` (and the metric of a
 matching :class:`Rule`) in one script call, answers a denial with the
 problem+json of :mod:`usage_guard.problem` without calling the app, binds the
-subject and guard for ``@metered`` and turns a ``UsageLimitExceeded`` raised by
-the app into the same answer. Websocket and lifespan scopes pass untouched.
+subject and guard for ``@metered`` and turns what the app lets through into the
+client's answer: ``UsageLimitExceeded`` the same 429, ``Unidentified`` (metered
+code reached without an identity) a 401, ``InvalidUsage`` (a value from the
+request the guard rejects) a 422. Websocket and lifespan scopes pass untouched.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .aio import AsyncUsageGuard
 from .context import AnyGuard, bind, unbind
 from .decision import Decision
-from .errors import InvalidIdentifier, UsageLimitExceeded
+from .errors import InvalidIdentifier, InvalidUsage, Unidentified, UsageLimitExceeded
 from .health import at_startup_async
 from .problem import (
     INVALID_IDENTITY,
     UNAUTHORIZED,
     Problem,
+    answer,
     quota_exceeded,
     raw_policy_fields,
 )
@@ -44,6 +47,8 @@ class from_headers:
 
     Trust client-supplied headers only behind a gateway that sets them. Works
     with Starlette and Flask requests, and reads the raw ASGI scope in the middleware.
+    A header sent twice (or holding a comma, which is how WSGI servers join repeated
+    headers) is refused with :class:`~usage_guard.InvalidIdentifier`: a 400.
     """
 
     def __init__(self, org: str = "x-org-id", user: str | None = "x-user-id") -> None:
@@ -53,19 +58,36 @@ class from_headers:
         self._user_raw = None if self.user is None else self.user.encode("latin-1")
 
     def __call__(self, request: Any) -> Identity:
-        org = request.headers.get(self.org)
+        org = _single(request.headers.getlist(self.org), self.org)
         if org is None:
             return None
-        return Subject(org, None if self.user is None else request.headers.get(self.user))
+        user = None if self.user is None else _single(request.headers.getlist(self.user), self.user)
+        return Subject(org, user)
 
     def from_scope(self, scope: Scope) -> Identity:
         org = user = None
         for name, value in scope["headers"]:
             if name == self._org_raw:
+                if org is not None or b"," in value:
+                    raise _duplicate(self.org)
                 org = value
             elif name == self._user_raw:
+                if user is not None or b"," in value:
+                    raise _duplicate(self.user)
                 user = value
         return None if org is None else _subject_of(org, user)
+
+
+def _single(values: list[str], name: str) -> str | None:
+    if len(values) > 1 or (values and "," in values[0]):
+        raise _duplicate(name)
+    return values[0] if values else None
+
+
+def _duplicate(name: str | None) -> InvalidIdentifier:
+    # A gateway that appends instead of replacing: which org to charge is ambiguous. WSGI
+    # servers join repeated headers with commas (as HTTP allows), so a comma says the same.
+    return InvalidIdentifier(f"the request carries {name} more than once")
 
 
 @lru_cache(maxsize=4096)
@@ -196,21 +218,21 @@ class UsageGuardMiddleware:
         if path in self.exclude:
             await self.app(scope, receive, send)
             return
-        if self._identify_scope is not None:
-            who = self._identify_scope(scope)
-        else:
-            found = self.identify(Request(scope, receive))
-            who = await found if inspect.isawaitable(found) else found
+        try:
+            if self._identify_scope is not None:
+                who = self._identify_scope(scope)
+            else:
+                found = self.identify(Request(scope, receive))
+                who = await found if inspect.isawaitable(found) else found
+        except InvalidIdentifier:
+            await _send_problem(INVALID_IDENTITY, send)
+            return
         if who is None:
             if self.require_identity:
                 await _send_problem(UNAUTHORIZED, send)
                 return
-            # Bound without a subject: a metered call then fails with a clear message.
-            token = bind(None, self.guard)
-            try:
-                await self.app(scope, receive, send)
-            finally:
-                unbind(token)
+            # Bound without a subject: a metered call then answers 401.
+            await self._call_app(scope, receive, send, None, None)
             return
         decision: Decision | None = None
         try:
@@ -264,7 +286,12 @@ class UsageGuardMiddleware:
         await self.app(scope, replay, send)
 
     async def _call_app(
-        self, scope: Scope, receive: Receive, send: Send, who: Subject, decision: Decision | None
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        who: Subject | None,
+        decision: Decision | None,
     ) -> None:
         extra: list[tuple[bytes, bytes]] = []
         if self.ratelimit_headers and decision is not None:
@@ -283,10 +310,11 @@ class UsageGuardMiddleware:
         token = bind(who, self.guard)
         try:
             await self.app(scope, receive, send_with_fields)
-        except UsageLimitExceeded as exceeded:
+        except (UsageLimitExceeded, Unidentified, InvalidUsage) as error:
             if started:
                 raise
-            await _send_problem(self._denial(exceeded.decision), send)
+            problem = answer(error, self.catalog, self.engine.clock(), status=self.status_code)
+            await _send_problem(problem, send)
         finally:
             unbind(token)
 

@@ -15,7 +15,7 @@ import wrapt
 
 from .aio import AsyncUsageGuard
 from .context import AnyGuard, current_guard, current_subject
-from .errors import InvalidUsage, UsageGuardError
+from .errors import InvalidUsage, NotBound, Unidentified
 from .guard import UsageGuard
 from .plans import check_value
 from .subject import Subject
@@ -23,10 +23,6 @@ from .subject import Subject
 F = TypeVar("F", bound=Callable[..., Any])
 Amount = int | Callable[..., int]
 Cost = Callable[[Any], int]
-
-
-class NotBound(UsageGuardError, LookupError):
-    """A metered call ran with no guard or no subject in its context."""
 
 
 def metered(
@@ -114,7 +110,7 @@ def _bound(explicit: AnyGuard | None) -> tuple[AnyGuard, Subject]:
         )
     who = current_subject()
     if who is None:
-        raise NotBound(
+        raise Unidentified(
             "no subject is bound: the request was not identified; in scripts use "
             "`with usage_guard.subject(org, user=...)`"
         )

@@ -32,6 +32,15 @@ class InvalidIdentifier(InvalidUsage):
     """An organization, user or idempotency id that is empty, too long or not a str."""
 
 
+class NotBound(UsageGuardError, LookupError):
+    """A metered call ran with no guard or no subject in its context."""
+
+
+class Unidentified(NotBound):
+    """A metered call ran in a request that identified no organization: integrations
+    answer 401."""
+
+
 class BackendUnavailable(UsageGuardError):
     """Redis could not be reached (or answered too slowly) for an operation with no fallback."""
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.routing import APIRoute
 from starlette.responses import Response
 
@@ -24,10 +24,9 @@ from .aio import AsyncUsageGuard
 from .asgi import Identify, UsageGuardMiddleware
 from .context import AnyGuard, current_guard, current_subject
 from .decision import Decision
-from .decorator import NotBound
-from .errors import UsageLimitExceeded
+from .errors import InvalidUsage, NotBound, Unidentified, UsageLimitExceeded
 from .plans import check_value
-from .problem import PROBLEM_JSON, QUOTA_EXCEEDED, quota_exceeded
+from .problem import PROBLEM_JSON, QUOTA_EXCEEDED, answer
 
 #: The OpenAPI description of the 429 the dependency can answer.
 QUOTA_RESPONSE: dict[str, Any] = {
@@ -77,7 +76,7 @@ class Requirement:
         if guard is None:
             raise NotBound("require() needs guard= or UsageGuardMiddleware (see install())")
         if who is None:
-            raise HTTPException(401, "This route needs an identified caller.")
+            raise Unidentified("this route needs an identified organization")
         aguard = guard if isinstance(guard, AsyncUsageGuard) else guard.aio
         decision = await aguard.consume(who.org, self.metric, self.amount, user=who.user)
         return decision.raise_for_status()
@@ -97,12 +96,13 @@ def install(app: FastAPI, *, guard: AnyGuard, identify: Identify, **options: Any
     status = options.get("status_code", 429)
 
     async def problem_response(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, UsageLimitExceeded)
-        problem = quota_exceeded(exc.decision, aguard.catalog, aguard.engine.clock(), status=status)
+        assert isinstance(exc, (UsageLimitExceeded, Unidentified, InvalidUsage))
+        problem = answer(exc, aguard.catalog, aguard.engine.clock(), status=status)
         headers = dict(problem.headers)
         return Response(problem.body, status_code=problem.status, headers=headers)
 
-    app.add_exception_handler(UsageLimitExceeded, problem_response)
+    for error in (UsageLimitExceeded, Unidentified, InvalidUsage):
+        app.add_exception_handler(error, problem_response)
     _document_quota_responses(app, str(status))
 
 

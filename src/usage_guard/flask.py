@@ -19,10 +19,18 @@ from .aio import AsyncUsageGuard
 from .asgi import ExcludedPaths
 from .context import AnyGuard, Binding, bind, unbind
 from .decision import Decision
-from .errors import InvalidIdentifier, UsageLimitExceeded
+from .errors import InvalidIdentifier, InvalidUsage, Unidentified, UsageLimitExceeded
 from .guard import UsageGuard
 from .health import at_startup
-from .problem import INVALID_IDENTITY, UNAUTHORIZED, Problem, policy_fields, quota_exceeded
+from .problem import (
+    INVALID_IDENTITY,
+    UNAUTHORIZED,
+    AnsweredError,
+    Problem,
+    answer,
+    policy_fields,
+    quota_exceeded,
+)
 from .ratelimit import RateLimits
 from .subject import Subject
 
@@ -80,16 +88,22 @@ class UsageGuardFlask:
         app.before_request(self._before)
         app.after_request(self._after)
         app.teardown_request(self._teardown)
-        app.register_error_handler(UsageLimitExceeded, self._exceeded)
+        for error in (UsageLimitExceeded, Unidentified, InvalidUsage):
+            app.register_error_handler(error, self._answer)
 
     def _before(self) -> Response | None:
         path = request.path
         if path in self.exclude:
             return None
-        who = self.identify(request)
+        try:
+            who = self.identify(request)
+        except InvalidIdentifier:
+            return _response(INVALID_IDENTITY)
         if who is None:
             if self.require_identity:
                 return _response(UNAUTHORIZED)
+            # Bound without a subject: a metered call then answers 401.
+            g.usage_guard_token = bind(None, self.guard)
             return None
         decision: Decision | None = None
         try:
@@ -127,8 +141,9 @@ class UsageGuardFlask:
         if token is not None:
             unbind(token)
 
-    def _exceeded(self, error: UsageLimitExceeded) -> Response:
-        return _response(self._problem(error.decision))
+    def _answer(self, error: AnsweredError) -> Response:
+        now = self.guard.engine.clock()
+        return _response(answer(error, self.guard.catalog, now, status=self.status_code))
 
     def _problem(self, decision: Decision) -> Problem:
         now = self.guard.engine.clock()

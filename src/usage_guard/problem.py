@@ -15,6 +15,7 @@ from functools import lru_cache
 
 from .catalog import Catalog
 from .decision import Decision
+from .errors import InvalidUsage, Unidentified, UsageLimitExceeded
 from .periods import Period, iso_utc
 
 QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
@@ -178,6 +179,22 @@ def client_error(status: int, title: str, detail_text: str) -> Problem:
     return _problem(status, [("content-type", PROBLEM_JSON)], body)
 
 
+#: What an application may let through, and every integration answers.
+AnsweredError = UsageLimitExceeded | Unidentified | InvalidUsage
+
+
+def answer(error: AnsweredError, catalog: Catalog, now: datetime, *, status: int = 429) -> Problem:
+    """The client's answer to an error raised while handling its request: the 429 (or
+    ``status``) of a denial, a 401 for metered code reached without an identity, a 422
+    for a value from the request that the guard rejects (an amount from the body, an
+    unknown metric): the client's input, not the server, was wrong."""
+    if isinstance(error, UsageLimitExceeded):
+        return quota_exceeded(error.decision, catalog, now, status=status)
+    if isinstance(error, Unidentified):
+        return UNIDENTIFIED
+    return client_error(422, "Unprocessable Content", str(error))
+
+
 def _problem(status: int, headers: Headers, body: dict[str, object]) -> Problem:
     encoded = json.dumps(body, separators=(",", ":")).encode()
     headers.append(("content-length", str(len(encoded))))
@@ -186,6 +203,8 @@ def _problem(status: int, headers: Headers, body: dict[str, object]) -> Problem:
 
 #: 401 for an anonymous request when an integration requires an identity.
 UNAUTHORIZED = client_error(401, "Unauthorized", "This request needs an identity.")
+#: 401 for metered code reached by a request that identified no organization.
+UNIDENTIFIED = client_error(401, "Unauthorized", "This action needs an identified organization.")
 #: 400 for an organization or user id that usage_guard cannot accept.
 INVALID_IDENTITY = client_error(
     400, "Bad Request", "The organization or user id of this request is not valid."

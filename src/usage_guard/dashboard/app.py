@@ -113,7 +113,8 @@ def _parse_value(raw: object, field: str) -> int | None:
         return None
     if isinstance(raw, str):
         text = raw.strip().replace(",", "").replace("_", "")
-        if not (text.isascii() and text.isdigit()):
+        # More digits than 2**53-1 has would also exceed int()'s 4,300-digit limit.
+        if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > len(str(MAX_VALUE)):
             raise Problem(422, "Invalid value", f"{field} must be a whole number from 0 to 2**53-1")
         raw = int(text)
     if type(raw) is not int or not 0 <= raw <= MAX_VALUE:
