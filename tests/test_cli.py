@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -243,3 +244,14 @@ def test_console_script_on_real_redis(plans_file: str) -> None:
     finally:
         guard.close()
         delete_prefix(REDIS_URL, prefix)
+
+
+def test_demo_on_a_busy_port_says_so_and_names_the_option() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            [USAGE_GUARD, "demo", "--port", str(port)], capture_output=True, text=True, timeout=60
+        )
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "--port" in done.stderr
+    assert "Usage page" not in done.stdout  # no URL printed that does not work

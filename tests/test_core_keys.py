@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -273,3 +273,25 @@ def test_a_denied_consumption_leaves_every_key_as_it_was(make_guard: MakeGuard) 
         (False, "contacts", "organization", 4),
     ]
     assert snapshot(guard) == before
+
+
+def test_one_reading_of_the_clock_per_call_even_across_midnight_on_the_1st(
+    make_guard: MakeGuard,
+) -> None:
+    # A clock that moves on each reading, across 00:00Z on Dec 1: the period and the TTL
+    # of one call must come from the same instant.
+    readings = [datetime(2026, 11, 30, 23, 59, 59, 999_000, tzinfo=timezone.utc)]
+
+    def ticking() -> datetime:
+        readings.append(readings[-1] + timedelta(milliseconds=2))
+        return readings[-2]
+
+    guard = make_guard(plans=PLANS, default_plan="free", clock=ticking)
+    decision = guard.consume("acme", "emails")
+    assert len(readings) == 2  # read once
+    assert decision.resets_at == datetime(2026, 12, 1, tzinfo=timezone.utc)
+    key = f"{guard.engine.prefix}:{{acme}}:c:emails:2026-11"
+    ttl = raw_client(guard).ttl(key)
+    # November's counter lives until May 2027 starts, counted from 23:59:59.999 Nov 30.
+    expected = (datetime(2027, 5, 1, tzinfo=timezone.utc) - readings[0]).total_seconds()
+    assert abs(ttl - expected) <= 2

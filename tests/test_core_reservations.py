@@ -95,7 +95,7 @@ def test_personal_reservations_count_and_settle_for_the_user(guard: UsageGuard) 
 
 
 def test_a_multi_metric_reservation_settles_with_a_mapping(guard: UsageGuard) -> None:
-    reservation = guard.reserve("acme", {"emails": 5, "contacts": 4}, 0)
+    reservation = guard.reserve("acme", {"emails": 5, "contacts": 4})
     assert reservation.decision.allowed
     with pytest.raises(InvalidUsage):
         reservation.settle(3)

@@ -109,14 +109,20 @@ def test_null_limit_admits_everything_and_still_counts(guard: UsageGuard) -> Non
     assert guard.usage("acme").meters["contacts"].used == 2**53 - 1
 
 
-def test_counters_stop_at_2_53_minus_1_and_a_denial_reports_them_exactly(
-    guard: UsageGuard,
-) -> None:
-    guard.consume("acme", "api_calls", 4)
+def test_a_denial_past_2_53_minus_1_reports_the_counter_exactly(guard: UsageGuard) -> None:
+    guard.consume("acme", "emails", 4)
     # 4 + 2**53 - 1 has no exact double: the script reports the counter as Redis holds it.
-    denied = guard.consume("acme", "api_calls", 2**53 - 1, user="alice")
+    denied = guard.consume("acme", "emails", 2**53 - 1, user="alice")
     assert (denied.allowed, denied.scope, denied.used) == (False, "organization", 4)
-    assert guard.usage("acme").meters["api_calls"].used == 4
+    assert guard.usage("acme").meters["emails"].used == 4
+
+
+def test_an_unlimited_meter_never_denies_even_past_2_53_minus_1(guard: UsageGuard) -> None:
+    guard.consume("acme", "api_calls", 4)
+    admitted = guard.consume("acme", "api_calls", 2**53 - 1)
+    assert admitted.allowed and admitted.limit is None and admitted.remaining is None
+    # Redis counts exactly (64-bit integers); read back, the counter is exact.
+    assert guard.usage("acme").meters["api_calls"].used == 2**53 + 3
 
 
 def test_a_metric_the_plan_leaves_out_is_unlimited_and_counted(guard: UsageGuard) -> None:
@@ -196,14 +202,28 @@ def test_check_takes_the_consume_decision_and_counts_nothing(guard: UsageGuard) 
     guard.consume("acme", "emails", 6)
     for amount in (0, 3, 4, 5, 10):
         checked = guard.check("acme", "emails", amount)
-        assert checked.used == 6
-        assert checked.allowed == (amount <= 4)
+        admitted = amount <= 4
+        assert checked.allowed == admitted
+        # Usage as consume() would report it: with the amount when admitted.
+        assert checked.used == 6 + amount if admitted else checked.used == 6
+    assert guard.usage("acme").meters["emails"].used == 6
     denied_check = guard.check("acme", "emails", 5)
     assert guard.consume("acme", "emails", 5) == denied_check
     admitted_check = guard.check("acme", "emails", 4)
-    consumed = guard.consume("acme", "emails", 4)
-    assert consumed.allowed and admitted_check.allowed
-    assert (consumed.used, consumed.remaining) == (admitted_check.used + 4, 0)
+    assert guard.consume("acme", "emails", 4) == admitted_check
+
+
+def test_check_and_consume_agree_on_personal_budgets_and_several_metrics(
+    guard: UsageGuard,
+) -> None:
+    guard.set_budget("acme", "alice", "ai_tokens", 50)
+    guard.consume("acme", "ai_tokens", 20, user="alice")
+    for amount in (10, 30, 31):
+        checked = guard.check("acme", "ai_tokens", amount, user="alice")
+        assert guard.consume("acme", "ai_tokens", amount, user="alice") == checked
+    both = {"emails": 2, "ai_tokens": 1}
+    checked = guard.check("acme", both, user="alice")
+    assert guard.consume("acme", both, user="alice") == checked
 
 
 def test_amount_zero_reads_current_usage(guard: UsageGuard) -> None:

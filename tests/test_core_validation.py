@@ -183,3 +183,11 @@ def test_bad_configuration_is_refused(options: dict[str, Any]) -> None:
 def test_bad_plan_limits_are_refused(limits: dict[str, Any]) -> None:
     with pytest.raises(InvalidAmount):
         Plan("free", limits)
+
+
+def test_a_mapping_of_metrics_takes_no_separate_amount(make_guard: MakeGuard) -> None:
+    guard = make_guard(plans=PLANS, default_plan="free")
+    for call in (guard.consume, guard.check, guard.reserve):
+        with pytest.raises(InvalidUsage, match="mapping"):
+            call("acme", {"emails": 1}, 5)
+    assert guard.usage("acme").meters["emails"].used == 0

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Generic, Literal, TypeVar
 
 from ._runtime import Failures
@@ -156,11 +157,15 @@ class Engine:
         return time.time() if self.clock is utc_now else self.clock().timestamp()
 
     def now(self) -> tuple[Period, int]:
-        """The current period and the TTL (s) of its keys: until it leaves the history window."""
-        now = self.timestamp()
+        """The current period and the TTL (s) of its keys: until it leaves the history window.
+
+        The clock is read once, so the period and the TTL never straddle 00:00Z on the 1st.
+        """
+        moment = None if self.clock is utc_now else self.clock()
+        now = time.time() if moment is None else moment.timestamp()
         cached = self._period_cache
         if cached is None or not cached[1] <= now < cached[2]:
-            period = Period.containing(self.clock())
+            period = Period.containing(moment or datetime.fromtimestamp(now, timezone.utc))
             expires = period.shift(self.history_months).start.timestamp()
             cached = (period, period.start.timestamp(), period.end.timestamp(), expires)
             self._period_cache = cached
@@ -177,6 +182,8 @@ class Engine:
             return [(self.catalog[metric], check_value(amount))]
         if not isinstance(metric, Mapping) or not metric:
             raise InvalidUsage("metric must be a metric name or a non-empty mapping of amounts")
+        if amount != 1:  # 1 is the default: what else was passed would be ignored
+            raise InvalidUsage("a mapping of metrics carries its amounts: pass no amount with it")
         return [(self.catalog[name], check_value(value)) for name, value in metric.items()]
 
     def _script_args(

@@ -90,7 +90,7 @@ class AsyncUsageGuard:
         return await self._run(self.engine.consume(org, metric, amount, user=user, check=True))
 
     async def reserve(
-        self, org: str, metric: str | Amounts, amount: int, *, user: str | None = None
+        self, org: str, metric: str | Amounts, amount: int = 1, *, user: str | None = None
     ) -> AsyncReservation:
         call, ticket = self.engine.reserve(org, metric, amount, user=user)
         return AsyncReservation(self, await self._run(call), ticket)

@@ -9,6 +9,7 @@ to each past month; afterwards the clock is the real one.
 from __future__ import annotations
 
 import importlib
+import socket
 import sys
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -153,10 +154,25 @@ def demo_app(guard: UsageGuard) -> Any:
 
 
 def run(host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Seed, print the URL and serve until interrupted."""
+    """Seed, bind the port, print the URL and serve until interrupted.
+
+    The port is bound before the URL is printed, so the URL always works; a busy
+    port is a clear message (``--port 0`` picks a free one).
+    """
     import uvicorn
 
     app = demo_app(demo_guard())
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        raise SystemExit(
+            f"usage-guard demo: cannot listen on {host}:{port} ({error.strerror}): "
+            "pass another --port (0 picks a free one)"
+        ) from None
+    port = listener.getsockname()[1]
     print(f"usage_guard demo: organization {DEMO_ORG!r} seeded on memory://", flush=True)
     print(f"Usage page: http://{host}:{port}{MOUNT_PATH}", flush=True)
     print(
@@ -164,4 +180,5 @@ def run(host: str = "127.0.0.1", port: int = 8000) -> None:
         f"http://{host}:{port}{MOUNT_PATH}report.json",
         flush=True,
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server.run(sockets=[listener])

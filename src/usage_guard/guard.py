@@ -144,7 +144,7 @@ class UsageGuard:
         return self._run(self.engine.consume(org, metric, amount, user=user, check=True))
 
     def reserve(
-        self, org: str, metric: str | Amounts, amount: int, *, user: str | None = None
+        self, org: str, metric: str | Amounts, amount: int = 1, *, user: str | None = None
     ) -> Reservation:
         """Count an estimate now; ``settle(actual)`` or ``cancel()`` it later."""
         call, ticket = self.engine.reserve(org, metric, amount, user=user)

@@ -85,7 +85,8 @@ for i, m in ipairs(metrics) do
       return {0, m.name, 'personal', before, m.budget, m.budget, unknown_plan}
     end
   end
-  if not fits(used, m.amount, m.quota) then
+  -- An unlimited meter admits everything, even past MAX (its quota stands at MAX).
+  if m.limit and not fits(used, m.amount, m.quota) then
     local before = take_back(i)
     return {0, m.name, 'organization', before, m.limit or -1, m.limit and m.quota or -1,
             unknown_plan}
@@ -102,6 +103,16 @@ for _, m in ipairs(metrics) do
     end
     if not m.monthly then
       remember(m.other, m.used, m.keep)
+    end
+  end
+end
+
+-- 'check' answers what 'consume' would have: usage with the amount in it.
+if not counting then
+  for _, m in ipairs(metrics) do
+    m.used = m.used + m.amount
+    if m.personal then
+      m.own = m.own + m.amount
     end
   end
 end
