@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from usage_guard import Plan, UsageGuard, UsageGuardMiddleware, metered
+from usage_guard import Decision, Plan, UsageGuard, UsageGuardMiddleware, metered
 from usage_guard.asgi import from_headers
 from usage_guard.fastapi import install, require
 from usage_guard.flask import UsageGuardFlask
@@ -175,3 +175,75 @@ def test_from_headers_reads_one_value_per_header_from_any_request() -> None:
             identify(ambiguous)
         with pytest.raises(ValueError, match="more than once"):
             identify.from_scope(ambiguous.scope)
+
+
+# -- nothing charged for a refused request -------------------------------------------
+
+EMAIL_CAP = {"free": Plan("free", {"emails": 5, "api_calls": 1_000})}
+
+
+@metered("emails")
+def send_email() -> dict[str, str]:
+    return {"sent": "yes"}
+
+
+def refusing_apps(guard: UsageGuard) -> dict[str, Any]:
+    """Apps whose handlers refuse past the email cap, each way a handler can."""
+
+    async def starlette_send(request: Request) -> JSONResponse:
+        return JSONResponse(send_email())
+
+    async def starlette_unavailable(request: Request) -> JSONResponse:
+        outage = Decision(False, "emails", "unavailable", 0, None, None, None)
+        outage.raise_for_status()
+        return JSONResponse({})
+
+    starlette = Starlette(
+        routes=[
+            Route("/send", starlette_send, methods=["POST"]),
+            Route("/outage", starlette_unavailable, methods=["POST"]),
+        ]
+    )
+    starlette.add_middleware(UsageGuardMiddleware, guard=guard, identify=from_headers())
+
+    fastapi = FastAPI()
+    install(fastapi, guard=guard, identify=from_headers())
+
+    @fastapi.post("/send", dependencies=[Depends(require("emails"))])
+    def fastapi_send() -> dict[str, str]:
+        return {"sent": "yes"}
+
+    @fastapi.post("/outage")
+    async def fastapi_checked() -> dict[str, str]:
+        (await guard.aio.consume("acme", "emails")).raise_for_status()
+        return {"sent": "yes"}
+
+    flask = Flask(__name__)
+    UsageGuardFlask(flask, guard=guard, identify=from_headers())
+    flask.post("/send")(send_email)
+    return {"starlette": starlette, "fastapi": fastapi, "flask": flask}
+
+
+@pytest.mark.parametrize("kind", ["starlette", "fastapi", "flask"])
+def test_a_request_refused_inside_the_app_counts_no_api_call(
+    make_guard: Callable[..., UsageGuard], serve: Callable[..., TestClient], kind: str
+) -> None:
+    guard = make_guard(plans=EMAIL_CAP, default_plan="free")
+    app = refusing_apps(guard)[kind]
+    post = app.test_client().post if kind == "flask" else serve(app, guard).post
+    statuses = [post("/send", headers=ACME).status_code for _ in range(20)]
+    assert statuses == [200] * 5 + [429] * 15
+    usage = guard.usage("acme").meters
+    # Clients retrying 429s do not drain their API quota: only the served requests count.
+    assert (usage["api_calls"].used, usage["emails"].used) == (5, 5)
+
+
+@pytest.mark.parametrize("kind", ["starlette", "fastapi"])
+def test_a_503_answered_from_inside_the_app_counts_nothing_either(
+    make_guard: Callable[..., UsageGuard], serve: Callable[..., TestClient], kind: str
+) -> None:
+    guard = make_guard(plans=EMAIL_CAP, default_plan="free")
+    guard.consume("acme", "emails", 5)  # the FastAPI route then refuses with a 429
+    client = serve(refusing_apps(guard)[kind], guard)
+    assert client.post("/outage", headers=ACME).status_code in (429, 503)
+    assert guard.usage("acme").meters["api_calls"].used == 0

@@ -338,6 +338,21 @@ class Engine:
         keys, args = self._script_args(space, None, items, period, ttl, mode)
         return Call("adjust", keys, args, lambda reply: self._adjusted(org, period, reply))
 
+    def refund(
+        self, org: str, amounts: Amounts, user: str | None, admitted: Decision
+    ) -> Call[bool]:
+        """Take back what ``admitted`` counted for a request that was refused after all,
+        unchecked and never below 0, in the period it was counted in."""
+        items = self.amounts(amounts, 1)
+        period = (
+            self.now()[0]
+            if admitted.resets_at is None
+            else Period.containing(admitted.resets_at).shift(-1)
+        )
+        space = KeySpace.of(self.prefix, org)
+        keys, args = self._script_args(space, user, items, period, self.ttl(period), "release")
+        return Call("adjust", keys, args, lambda reply: self._adjusted(org, period, reply))
+
     # -- admin --------------------------------------------------------------------------
 
     def _admin(self, key: str, *args: str) -> Call[None]:

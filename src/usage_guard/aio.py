@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -147,6 +148,14 @@ class AsyncUsageGuard:
 
     async def report(self, org: str, user: str | None = None) -> Report:
         return Report.from_usage(await self.usage(org, user), self.catalog)
+
+    async def _refund(
+        self, org: str, amounts: Amounts, user: str | None, admitted: Decision
+    ) -> None:
+        """The async :meth:`UsageGuard._refund <usage_guard.UsageGuard._refund>`."""
+        if admitted.scope != "unavailable":
+            with contextlib.suppress(BackendUnavailable):
+                await self._run(self.engine.refund(org, amounts, user, admitted))
 
     async def _settle(self, call: Call[bool]) -> bool:
         try:

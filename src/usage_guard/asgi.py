@@ -29,6 +29,7 @@ from .errors import InvalidIdentifier, InvalidUsage, Unidentified, UsageLimitExc
 from .health import at_startup_async
 from .problem import (
     INVALID_IDENTITY,
+    PROBLEM_JSON,
     UNAUTHORIZED,
     Problem,
     answer,
@@ -38,6 +39,7 @@ from .problem import (
 from .ratelimit import RateLimits
 from .subject import Subject
 
+PROBLEM_JSON_BYTES = PROBLEM_JSON.encode()
 Identity = Subject | None
 Identify = Callable[[Any], Identity | Awaitable[Identity]]
 
@@ -232,7 +234,7 @@ class UsageGuardMiddleware:
                 await _send_problem(UNAUTHORIZED, send)
                 return
             # Bound without a subject: a metered call then answers 401.
-            await self._call_app(scope, receive, send, None, None)
+            await self._call_app(scope, receive, send, None, None, self._metered)
             return
         decision: Decision | None = None
         try:
@@ -254,7 +256,7 @@ class UsageGuardMiddleware:
         if decision is not None and not decision.allowed:
             await _send_problem(self._denial(decision), send)
             return
-        await self._call_app(scope, receive, send, who, decision)
+        await self._call_app(scope, receive, send, who, decision, amounts)
 
     def _amounts(self, method: str, path: str) -> dict[str, int]:
         amounts = dict(self._metered)
@@ -292,18 +294,24 @@ class UsageGuardMiddleware:
         send: Send,
         who: Subject | None,
         decision: Decision | None,
+        amounts: Mapping[str, int],
     ) -> None:
+        """Run the app with the subject bound; answer what it lets through. A request the
+        app refuses with a 429 or 503 problem (``require()``, ``@metered``,
+        ``raise_for_status()`` inside it) counts nothing: what was metered is taken back."""
         extra: list[tuple[bytes, bytes]] = []
         if self.ratelimit_headers and decision is not None:
             extra = raw_policy_fields(decision, self.catalog, self.engine.timestamp())
-        started = False
+        started = refused = False
 
         async def send_with_fields(message: Message) -> None:
-            nonlocal started
+            nonlocal started, refused
             if message["type"] == "http.response.start":
                 started = True
-                # A 429 answered inside the app already names the metric that denied.
-                if extra and message["status"] != self.status_code:
+                status = message["status"]
+                if (status == self.status_code or status == 503) and _is_problem(message):
+                    refused = True  # it names the metric that denied: no fields of ours
+                elif extra:
                     message["headers"] = [*message.get("headers", ()), *extra]
             await send(message)
 
@@ -314,9 +322,19 @@ class UsageGuardMiddleware:
             if started:
                 raise
             problem = answer(error, self.catalog, self.engine.clock(), status=self.status_code)
+            refused = isinstance(error, UsageLimitExceeded)
             await _send_problem(problem, send)
         finally:
             unbind(token)
+        if refused and decision is not None and who is not None:
+            await self.aguard._refund(who.org, amounts, who.user, decision)
+
+
+def _is_problem(start: Message) -> bool:
+    return any(
+        name.lower() == b"content-type" and value.startswith(PROBLEM_JSON_BYTES)
+        for name, value in start.get("headers", ())
+    )
 
 
 async def _send_problem(problem: Problem, send: Send) -> None:

@@ -19,8 +19,9 @@ class Decision:
     asked for. ``scope``, ``used``, ``limit`` and ``remaining`` describe the
     binding budget of that metric: the personal budget when it leaves less than
     the organization's limit. ``used`` is the counter after the call (``check``
-    changes nothing). ``quota`` is the most that budget admits (the limit, or
-    110 % of it for soft caps) and ``remaining`` what is left of it; both are
+    reports what ``consume`` would, and changes nothing). ``quota`` is the most
+    that budget admits (the limit, or 110 % of it for soft caps) and
+    ``remaining`` what is left of it; both are
     ``None`` when unlimited. ``resets_at`` is the next period's start, ``None``
     for cumulative metrics. ``scope == "unavailable"`` means Redis could not be
     asked and the guard's ``on_backend_error`` policy decided.

@@ -24,6 +24,7 @@ from .guard import UsageGuard
 from .health import at_startup
 from .problem import (
     INVALID_IDENTITY,
+    PROBLEM_JSON,
     UNAUTHORIZED,
     AnsweredError,
     Problem,
@@ -117,12 +118,22 @@ class UsageGuardFlask:
             return _response(INVALID_IDENTITY)
         if decision is not None and not decision.allowed:
             return _response(self._problem(decision))
-        g.usage_guard_decision = decision
+        g.usage_guard_decision, g.usage_guard_subject = decision, who
         g.usage_guard_token = bind(who, self.guard)
         return None
 
     def _after(self, response: Response) -> Response:
         decision: Decision | None = g.get("usage_guard_decision")
+        if (
+            decision is not None
+            and self.meter is not None
+            and response.status_code in (self.status_code, 503)
+            and response.mimetype == PROBLEM_JSON
+        ):
+            # Refused inside the view (@metered, raise_for_status()): it counts nothing.
+            who = g.usage_guard_subject
+            self.guard._refund(who.org, {self.meter: self.amount}, who.user, decision)
+            return response
         # A 429 from a view already names the metric that denied.
         if (
             self.ratelimit_headers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -223,6 +224,13 @@ class UsageGuard:
     def report(self, org: str, user: str | None = None) -> Report:
         """The Usage page's data (``.to_dict()`` is its JSON): one round trip."""
         return Report.from_usage(self.usage(org, user), self.catalog)
+
+    def _refund(self, org: str, amounts: Amounts, user: str | None, admitted: Decision) -> None:
+        """Take back what a request that was refused after all had counted (a 429 or 503
+        answered from inside the app). During an outage it stays counted (logged)."""
+        if admitted.scope != "unavailable":  # else nothing was counted
+            with contextlib.suppress(BackendUnavailable):
+                self._run(self.engine.refund(org, amounts, user, admitted))
 
     def _settle(self, call: Call[bool]) -> bool:
         try:
