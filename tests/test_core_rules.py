@@ -244,6 +244,7 @@ def test_decision_fields_of_an_admitted_call(guard: UsageGuard) -> None:
         remaining=7,
         resets_at=DEC_1,
         quota=10,
+        requested=3,
     )
     assert decision.raise_for_status() is decision
     assert guard.consume("acme", {"contacts": 1, "emails": 1}).resets_at is None
@@ -261,6 +262,7 @@ def test_decision_fields_of_a_denied_call(guard: UsageGuard) -> None:
         remaining=1,
         resets_at=None,
         quota=11,
+        requested=2,  # of the denying metric
     )
     assert not decision
     with pytest.raises(UsageLimitExceeded) as raised:

@@ -151,9 +151,13 @@ def test_personal_budget_denial_tells_the_user_to_ask_their_admin(
         100,
         80,
     )
-    assert "Contact your admin to increase your allocation" in body["detail"]
+    # What was asked and what remains, truthfully: 30 asked, 20 left (not "r=0").
+    assert body["detail"] == (
+        "This request needs 30 AI tokens; 20 of your 100 remain until Dec 1. "
+        "Contact your admin to increase your allocation."
+    )
     assert denied.headers["ratelimit-policy"] == f'"ai_tokens";q=100;w={NOVEMBER};ug-unit="tokens"'
-    assert denied.headers["ratelimit"] == f'"ai_tokens";r=0;t={UNTIL_DECEMBER}'
+    assert denied.headers["ratelimit"] == f'"ai_tokens";r=20;t={UNTIL_DECEMBER}'
     # The org still has room: another user of the same org is served.
     bob = client.get("/ai?tokens=30", headers={"x-org-id": "acme", "x-user-id": "bob"})
     assert bob.status_code == 200
@@ -170,7 +174,8 @@ def test_cumulative_denial_has_no_retry_after_and_no_window(
     assert denied.status_code == 429
     assert "retry-after" not in denied.headers
     assert denied.headers["ratelimit-policy"] == '"contacts";q=11;ug-unit="contacts"'
-    assert denied.headers["ratelimit"] == '"contacts";r=0'
+    assert denied.headers["ratelimit"] == '"contacts";r=3'
+    assert denied.json()["detail"] == "This request needs 4 Contacts; 3 of 10 remain."
     assert denied.json()["resets_at"] is None
     assert client.get("/emails", headers=ORG).status_code == 200  # the rule is POST only
 

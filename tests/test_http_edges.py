@@ -247,3 +247,32 @@ def test_a_503_answered_from_inside_the_app_counts_nothing_either(
     client = serve(refusing_apps(guard)[kind], guard)
     assert client.post("/outage", headers=ACME).status_code in (429, 503)
     assert guard.usage("acme").meters["api_calls"].used == 0
+
+
+# -- truthful 429s ----------------------------------------------------------------------
+
+
+def test_a_request_for_more_than_remains_is_told_what_it_asked_and_what_is_left(
+    client: Client, guard: UsageGuard
+) -> None:
+    guard.set_limit("acme", "ai_tokens", 1_000)
+    guard.consume("acme", "ai_tokens", 406)
+    status, media, body = client.post("/ai", {"tokens": 600}, ACME)
+    assert (status, media) == (429, PROBLEM)
+    until = guard.usage("acme").period.end
+    assert body["detail"] == (
+        f"This request needs 600 AI tokens; 594 of 1,000 remain until {until:%b} {until.day}."
+    )
+    assert (body["used"], body["limit"]) == (406, 1_000)
+    # A request that fits what is left is still served.
+    assert client.post("/ai", {"tokens": 594}, ACME)[0] == 200
+
+
+def test_the_ratelimit_field_of_a_denial_carries_the_true_remaining(
+    guard: UsageGuard, serve: Callable[..., TestClient]
+) -> None:
+    guard.set_limit("acme", "ai_tokens", 1_000)
+    guard.consume("acme", "ai_tokens", 406)
+    response = serve(starlette_app(guard), guard).post("/ai", json={"tokens": 600}, headers=ACME)
+    assert response.status_code == 429
+    assert response.headers["ratelimit"].startswith('"ai_tokens";r=594;t=')

@@ -411,7 +411,7 @@ class Engine:
 
     def _decision(self, org: str, period: Period, reply: Any) -> tuple[Decision, Events]:
         if reply[0] == 2:
-            name, scope, used, limit, quota, period_key = reply[1].split("\t")
+            name, scope, used, limit, quota, period_key, requested = reply[1].split("\t")
             replayed = self._make_decision(
                 True,
                 name,
@@ -420,15 +420,16 @@ class Engine:
                 int(limit),
                 int(quota),
                 Period.parse(period_key),
+                int(requested),
                 replayed=True,
             )
             return replayed, ()
         if reply[6]:
             self._warn_plan(org, reply[6])
         decision = self._make_decision(
-            reply[0] == 1, reply[1], reply[2], reply[3], reply[4], reply[5], period
+            reply[0] == 1, reply[1], reply[2], reply[3], reply[4], reply[5], period, reply[7]
         )
-        return decision, _events(org, period, reply, 7)
+        return decision, _events(org, period, reply, 8)
 
     def _make_decision(
         self,
@@ -439,6 +440,7 @@ class Engine:
         limit: int,
         quota: int,
         period: Period,
+        requested: int,
         *,
         replayed: bool = False,
     ) -> Decision:
@@ -454,6 +456,7 @@ class Engine:
             period.end if self.catalog[name].monthly else None,
             None if unlimited else quota,
             replayed,
+            requested,
         )
 
     def _adjusted(self, org: str, period: Period, reply: Any) -> tuple[bool, Events]:

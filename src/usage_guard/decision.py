@@ -36,6 +36,8 @@ class Decision:
     resets_at: datetime | None
     quota: int | None = None
     replayed: bool = False
+    #: The amount this call asked of ``metric`` (0 when Redis could not be asked).
+    requested: int = 0
 
     def __bool__(self) -> bool:
         return self.allowed

@@ -67,7 +67,9 @@ def raw_policy_fields(
     policy, name, reset = _policy(
         decision.metric, catalog[decision.metric].unit, quota, decision.resets_at
     )
-    remaining = decision.remaining if decision.allowed and decision.remaining else 0
+    # The true remaining, also on a denial: a request for more than is left is refused
+    # while smaller ones would still pass.
+    remaining = decision.remaining or 0
     if reset is None:
         return [(b"ratelimit-policy", policy), (b"ratelimit", b"%s;r=%d" % (name, remaining))]
     left = max(0, math.ceil(reset - now))
@@ -91,15 +93,22 @@ def _policy(
 
 
 def detail(decision: Decision, catalog: Catalog) -> str:
-    """The sentence a person reads: what ran out and what to do about it."""
+    """The sentence a person reads: what ran out (or what the request needed and what is
+    left) and what to do about it."""
     label = catalog[decision.metric].label or decision.metric
     limit = "unlimited" if decision.limit is None else f"{decision.limit:,}"
-    used = f"{decision.used:,} of {limit} used"
-    if decision.scope == "personal":
+    personal = decision.scope == "personal"
+    ask_admin = " Contact your admin to increase your allocation." if personal else ""
+    if decision.remaining:
+        until = "" if decision.resets_at is None else f" until {_day(decision.resets_at)}"
+        yours = "your " if personal else ""
         return (
-            f"You have reached your personal {label} budget ({used}). "
-            "Contact your admin to increase your allocation."
+            f"This request needs {decision.requested:,} {label}; "
+            f"{decision.remaining:,} of {yours}{limit} remain{until}.{ask_admin}"
         )
+    used = f"{decision.used:,} of {limit} used"
+    if personal:
+        return f"You have reached your personal {label} budget ({used}).{ask_admin}"
     if decision.resets_at is None:
         return (
             f"Your organization has reached its {label} limit ({used}). "
@@ -109,6 +118,11 @@ def detail(decision: Decision, catalog: Catalog) -> str:
         f"Your organization has reached its {label} limit for this month ({used}). "
         f"It resets at {iso_utc(decision.resets_at)}."
     )
+
+
+def _day(moment: datetime) -> str:
+    """``Dec 1``: when a period ends, as people say it."""
+    return f"{moment:%b} {moment.day}"
 
 
 def quota_exceeded(

@@ -45,7 +45,14 @@ local reply = {1}
 for i, m in ipairs(metrics) do
   local delta = deltas[i]
   if delta ~= 0 then
-    local used = add(m.key, delta, m.monthly)
+    local used
+    if MODE == 'set' then
+      -- Exact whatever the counter held: past MAX (an unlimited meter) deltas would round.
+      used = m.amount
+      redis.call('SET', m.key, string.format('%d', used))
+    else
+      used = add(m.key, delta, m.monthly)
+    end
     if m.personal then
       add(m.other, delta, true)
     end

@@ -2,8 +2,9 @@
 -- FLAGS 'i': KEYS[EXTRA_KEY] remembers an admitted consumption for 24 h (idempotency);
 -- FLAGS 'r': KEYS[EXTRA_KEY] records the reservation's estimates.
 -- Reply: {admitted (1/0), metric, scope, used, limit (-1: none), quota (-1: none),
---         assigned plan that is not configured ('' if none), then name, threshold,
---         used, limit for each threshold reached}; an idempotent replay is {2, stored}.
+--         assigned plan that is not configured ('' if none), the amount asked of that
+--         metric, then name, threshold, used, limit for each threshold reached}; an
+--         idempotent replay is {2, stored}.
 
 local function fits(used, amount, quota)
   return used <= quota and amount <= quota - used
@@ -82,14 +83,14 @@ for i, m in ipairs(metrics) do
     m.budget = budgets[i] and tonumber(budgets[i])
     if m.budget and not fits(own, m.amount, m.budget) then
       local _, before = take_back(i)
-      return {0, m.name, 'personal', before, m.budget, m.budget, unknown_plan}
+      return {0, m.name, 'personal', before, m.budget, m.budget, unknown_plan, m.amount}
     end
   end
   -- An unlimited meter admits everything, even past MAX (its quota stands at MAX).
   if m.limit and not fits(used, m.amount, m.quota) then
     local before = take_back(i)
     return {0, m.name, 'organization', before, m.limit or -1, m.limit and m.quota or -1,
-            unknown_plan}
+            unknown_plan, m.amount}
   end
 end
 
@@ -121,18 +122,19 @@ end
 local first = metrics[1]
 local reply
 if first.budget and (not first.limit or first.budget - first.own < first.quota - first.used) then
-  reply = {1, first.name, 'personal', first.own, first.budget, first.budget, unknown_plan}
+  reply = {1, first.name, 'personal', first.own, first.budget, first.budget, unknown_plan,
+           first.amount}
 else
   reply = {1, first.name, 'organization', first.used, first.limit or -1,
-           first.limit and first.quota or -1, unknown_plan}
+           first.limit and first.quota or -1, unknown_plan, first.amount}
 end
 if MODE == 'check' then
   return reply
 end
 
 if FLAGS == 'i' then
-  redis.call('SET', extra, string.format('%s\t%s\t%d\t%d\t%d\t%s', first.name, reply[3],
-    reply[4], reply[5], reply[6], PERIOD), 'EX', 86400)
+  redis.call('SET', extra, string.format('%s\t%s\t%d\t%d\t%d\t%s\t%d', first.name,
+    reply[3], reply[4], reply[5], reply[6], PERIOD, first.amount), 'EX', 86400)
 elseif FLAGS == 'r' then
   local fields = {'period', PERIOD, 'user', USER}
   for _, m in ipairs(metrics) do
