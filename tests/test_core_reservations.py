@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from usage_guard import InvalidAmount, InvalidUsage, Plan, UsageGuard
+import usage_guard
+from conftest import raw_client
+from usage_guard import (
+    AsyncReservation,
+    InvalidAmount,
+    InvalidUsage,
+    Plan,
+    Reservation,
+    UsageGuard,
+    metered,
+)
 
 MakeGuard = Callable[..., UsageGuard]
 PLANS = {"free": Plan("free", {"ai_tokens": 1000, "emails": 10, "contacts": 10})}
@@ -120,3 +131,94 @@ def test_cumulative_reservations_never_go_below_zero(guard: UsageGuard) -> None:
     guard.set_usage("acme", "contacts", 2)
     assert reservation.cancel() is True
     assert used(guard, "contacts") == 0
+
+
+# -- reservations always close ----------------------------------------------------------
+
+
+def test_a_reservation_is_a_context_manager_that_cancels_on_an_exception(
+    guard: UsageGuard,
+) -> None:
+    with (
+        pytest.raises(ValueError, match="the LLM failed"),
+        guard.reserve("acme", "ai_tokens", 400) as failed,
+    ):
+        assert failed.open
+        raise ValueError("the LLM failed")
+    assert not failed.open and used(guard, "ai_tokens") == 0
+    with guard.reserve("acme", "ai_tokens", 400) as served:
+        served.settle(120)
+    assert not served.open and used(guard, "ai_tokens") == 120
+    assert served.cancel() is False  # settled: nothing left to cancel
+
+
+def test_open_is_false_once_settled_or_cancelled(guard: UsageGuard) -> None:
+    settled, cancelled = guard.reserve("acme", "emails", 2), guard.reserve("acme", "emails", 2)
+    assert settled.open and cancelled.open
+    assert settled.settle(1) and cancelled.cancel()
+    assert not settled.open and not cancelled.open
+    assert settled.settle(1) is False and used(guard, "emails") == 1
+
+
+@pytest.mark.parametrize("side", ["sync", "async"])
+def test_a_cost_function_that_raises_closes_the_reservation_at_its_estimate(
+    guard: UsageGuard, side: str
+) -> None:
+    def broken_cost(result: Any) -> int:
+        raise KeyError("usage")
+
+    @metered("ai_tokens", amount=300, cost=broken_cost)
+    def complete() -> str:
+        return "the work ran"
+
+    @metered("ai_tokens", amount=300, cost=broken_cost)
+    async def acomplete() -> str:
+        return "the work ran"
+
+    async def on_the_async_side() -> None:
+        try:
+            await acomplete()
+        finally:
+            await guard.aio.aclose()
+
+    with usage_guard.subject("acme", guard=guard), pytest.raises(KeyError, match="usage"):
+        complete() if side == "sync" else asyncio.run(on_the_async_side())
+    # The work ran: the estimate stays counted, and the reservation is closed.
+    assert used(guard, "ai_tokens") == 300
+    plain = raw_client(guard)
+    assert not [k for k in plain.scan_iter(f"{guard.engine.prefix}:{{acme}}:r:*")]
+
+
+@pytest.mark.parametrize("side", ["sync", "async"])
+def test_a_cancel_that_fails_never_hides_the_original_error(
+    guard: UsageGuard,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    side: str,
+) -> None:
+    def redis_exploded(self: Any) -> bool:
+        raise RuntimeError("redis exploded")
+
+    async def aredis_exploded(self: Any) -> bool:
+        raise RuntimeError("redis exploded")
+
+    monkeypatch.setattr(Reservation, "cancel", redis_exploded)
+    monkeypatch.setattr(AsyncReservation, "cancel", aredis_exploded)
+
+    @metered("ai_tokens", amount=10, cost=len)
+    def complete() -> str:
+        raise ValueError("the LLM failed")
+
+    @metered("ai_tokens", amount=10, cost=len)
+    async def acomplete() -> str:
+        raise ValueError("the LLM failed")
+
+    async def on_the_async_side() -> None:
+        try:
+            await acomplete()
+        finally:
+            await guard.aio.aclose()
+
+    with usage_guard.subject("acme", guard=guard), pytest.raises(ValueError, match="LLM"):
+        complete() if side == "sync" else asyncio.run(on_the_async_side())
+    assert any("could not cancel" in r.getMessage() for r in caplog.records)

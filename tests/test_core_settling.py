@@ -77,10 +77,13 @@ def test_close_gives_up_after_its_timeout_and_says_so(
 ) -> None:
     server = RedisProcess(tmp_path)
     guard = UsageGuard.from_url(server.url, plans=PLANS, default_plan="free", timeout=0.2)
-    reservation = guard.reserve("acme", "ai_tokens", 100)
+    settled, cancelled = (
+        guard.reserve("acme", "ai_tokens", 100),
+        guard.reserve("acme", "ai_tokens", 1),
+    )
     server.stop()
-    assert reservation.settle(10) is True  # queued
-    assert reservation.cancel() is True  # queued too; whichever lands first wins
+    assert settled.settle(10) is True  # queued
+    assert cancelled.cancel() is True  # queued too
     with caplog.at_level(logging.ERROR, logger="usage_guard"):
         guard.close(settle_timeout=0.3)
     assert guard.engine.failures.unsettled == 2 and guard.settler.pending == 0

@@ -83,11 +83,26 @@ class ReservationBase:
     def __init__(self, decision: Decision, ticket: Ticket) -> None:
         self.decision = decision
         self.ticket = ticket
+        #: Settled or cancelled (or handed to the background settler) by this object.
+        self.closed = False
 
     @property
     def open(self) -> bool:
-        """Whether the estimate was counted, so settle and cancel have something to adjust."""
-        return self.decision.allowed and self.decision.scope != "unavailable"
+        """Whether the estimate is counted and neither settled nor cancelled yet."""
+        return self.decision.allowed and self.decision.scope != "unavailable" and not self.closed
+
+    @property
+    def estimate(self) -> Amounts:
+        """What was reserved, per metric: settling to it closes the reservation as counted."""
+        return self.ticket.amounts
+
+
+def cancel_failed(error: Exception) -> None:
+    """A cancel that failed while another exception was on its way: logged, never raised
+    in its place (the caller re-raises the original)."""
+    logger.error(
+        "usage_guard: could not cancel a reservation (%s: %s)", type(error).__name__, error
+    )
 
 
 class Engine:

@@ -7,7 +7,16 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._core import Amounts, Call, Engine, Events, Listener, ReservationBase, Ticket
+from ._core import (
+    Amounts,
+    Call,
+    Engine,
+    Events,
+    Listener,
+    ReservationBase,
+    Ticket,
+    cancel_failed,
+)
 from .catalog import Catalog
 from .decision import Decision
 from .errors import BackendUnavailable
@@ -188,9 +197,26 @@ class AsyncReservation(ReservationBase):
         """Adjust the counters by ``actual - estimate``; retried in the background during
         an outage. False if already done."""
         call = self.guard.engine.settle(self.ticket, actual)
-        return self.open and await self.guard._settle(call)
+        if not self.open:
+            return False
+        self.closed = True
+        return await self.guard._settle(call)
 
     async def cancel(self) -> bool:
         """Refund the estimate; retried like settle. False if already done."""
         call = self.guard.engine.settle(self.ticket, None)
-        return self.open and await self.guard._settle(call)
+        if not self.open:
+            return False
+        self.closed = True
+        return await self.guard._settle(call)
+
+    async def __aenter__(self) -> AsyncReservation:
+        return self
+
+    async def __aexit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
+        """An exception in the block cancels the reservation; a failed cancel never hides it."""
+        if error is not None and self.open:
+            try:
+                await self.cancel()
+            except Exception as failed:
+                cancel_failed(failed)

@@ -68,12 +68,14 @@ def metered(
             return wrapped(*args, **kwargs)
         reservation = side.reserve(who.org, metric, units(args, kwargs), user=who.user)
         reservation.decision.raise_for_status()
-        try:
+        with reservation:  # an exception cancels it
             result = wrapped(*args, **kwargs)
+        try:
+            actual = cost(result)
         except BaseException:
-            reservation.cancel()
+            reservation.settle(reservation.estimate)  # the work ran: the estimate stays
             raise
-        reservation.settle(cost(result))
+        reservation.settle(actual)
         return result
 
     async def async_wrapper(
@@ -86,12 +88,14 @@ def metered(
             return await wrapped(*args, **kwargs)
         reservation = await side.reserve(who.org, metric, units(args, kwargs), user=who.user)
         reservation.decision.raise_for_status()
-        try:
+        async with reservation:  # an exception cancels it
             result = await wrapped(*args, **kwargs)
+        try:
+            actual = cost(result)
         except BaseException:
-            await reservation.cancel()
+            await reservation.settle(reservation.estimate)  # the work ran: the estimate stays
             raise
-        await reservation.settle(cost(result))
+        await reservation.settle(actual)
         return result
 
     def decorate(func: F) -> F:

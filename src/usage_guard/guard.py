@@ -16,6 +16,7 @@ from ._core import (
     Listener,
     ReservationBase,
     Ticket,
+    cancel_failed,
 )
 from .catalog import DEFAULT_CATALOG, Catalog
 from .decision import Decision
@@ -278,12 +279,29 @@ class Reservation(ReservationBase):
         until Redis answers (and True is returned).
         """
         call = self.guard.engine.settle(self.ticket, actual)
-        return self.open and self.guard._settle(call)
+        if not self.open:
+            return False
+        self.closed = True
+        return self.guard._settle(call)
 
     def cancel(self) -> bool:
         """Refund the estimate. False if already settled or cancelled; retried like settle."""
         call = self.guard.engine.settle(self.ticket, None)
-        return self.open and self.guard._settle(call)
+        if not self.open:
+            return False
+        self.closed = True
+        return self.guard._settle(call)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
+        """An exception in the block cancels the reservation; a failed cancel never hides it."""
+        if error is not None and self.open:
+            try:
+                self.cancel()
+            except Exception as failed:
+                cancel_failed(failed)
 
 
 def _close(awaitable: Any) -> None:
