@@ -10,6 +10,7 @@ from .decorator import metered
 from .errors import (
     BackendMisconfigured,
     BackendUnavailable,
+    CorruptedCounter,
     InvalidAmount,
     InvalidIdentifier,
     InvalidUsage,
@@ -34,6 +35,7 @@ __all__ = [
     "BackendMisconfigured",
     "BackendUnavailable",
     "Catalog",
+    "CorruptedCounter",
     "Decision",
     "InvalidAmount",
     "InvalidIdentifier",

@@ -19,8 +19,8 @@ from typing import Any, Generic, Literal, TypeVar
 from ._runtime import Failures
 from .catalog import DEFAULT_CATALOG, Catalog, Metric
 from .decision import Decision, Scope, ThresholdEvent
-from .errors import BackendMisconfigured, BackendUnavailable, InvalidUsage
-from .faults import Fault
+from .errors import BackendMisconfigured, BackendUnavailable, CorruptedCounter, InvalidUsage
+from .faults import DATA_REPLY, Fault, classify
 from .keys import KeySpace, budget_field, encode_id
 from .periods import Clock, Period, utc_now
 from .plans import UNLIMITED, Plan, Plans, admitted, check_limit, check_value
@@ -419,7 +419,7 @@ class Engine:
             "read",
             keys,
             [len(strings), *budgets],
-            lambda reply: (self._usage(org, user, period, window, personal, reply), ()),
+            lambda reply: (self._usage(org, user, period, window, personal, strings, reply), ()),
         )
 
     # -- replies ------------------------------------------------------------------------
@@ -489,10 +489,11 @@ class Engine:
         period: Period,
         window: tuple[Period, ...],
         personal: list[Metric],
+        counters: list[str],
         reply: Any,
     ) -> Usage:
         org_hash = _pairs(reply[0])
-        budgets, values, histories = reply[1], iter(reply[2]), iter(reply[3])
+        budgets, values, histories = reply[1], iter(_counts(counters, reply[2])), iter(reply[3])
         plan = self.plans.effective(org, org_hash.get("plan"))
         overrides = {
             name[6:]: value for name, value in org_hash.items() if name.startswith("limit:")
@@ -500,17 +501,15 @@ class Engine:
         meters: dict[str, MeterUsage] = {}
         for m in self.catalog:
             if m.monthly:
-                history = tuple(int(next(values) or 0) for _ in window)
+                history = tuple(next(values) for _ in window)
             else:
-                current = int(next(values) or 0)
+                current = next(values)
                 history = _carried_forward(_pairs(next(histories)), window, current)
             limit = self.plans.resolve(plan, overrides, m.name)
             quota = None if limit is None else admitted(limit, self.catalog.percent_admitted(m))
             meters[m.name] = MeterUsage(m.name, history[-1], limit, quota, history)
         mine = {
-            m.name: PersonalUsage(
-                m.name, int(next(values) or 0), None if budget is None else int(budget)
-            )
+            m.name: PersonalUsage(m.name, next(values), None if budget is None else int(budget))
             for m, budget in zip(personal, budgets, strict=True)
         }
         return Usage(org, user, None if plan is None else plan.name, period, window, meters, mine)
@@ -554,6 +553,9 @@ class Engine:
 
     def failed(self, call: Call[T], error: Exception) -> T:
         """Record a failed call; answer by the call's fallback (the outage policy)."""
+        if classify(error) is Fault.DATA:
+            key = str(error).removeprefix(DATA_REPLY).partition(" holds no integer")[0]
+            raise CorruptedCounter(key) from None
         fault = self.failures.record(error)
         if call.fallback is None:
             if fault is Fault.MISCONFIGURED:
@@ -574,6 +576,17 @@ def _events(org: str, period: Period, reply: Any, start: int) -> Events:
         ThresholdEvent(org, reply[i], reply[i + 1], reply[i + 2], reply[i + 3], period.key)
         for i in range(start, len(reply), 4)
     )
+
+
+def _counts(keys: Sequence[str], values: Sequence[str | None]) -> list[int]:
+    """The counters read, as ints (absent: 0); one that holds no integer is named."""
+    counts = []
+    for key, value in zip(keys, values, strict=True):
+        try:
+            counts.append(int(value or 0))
+        except ValueError:
+            raise CorruptedCounter(key) from None
+    return counts
 
 
 def _pairs(flat: Sequence[str]) -> dict[str, str]:

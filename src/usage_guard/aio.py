@@ -19,7 +19,7 @@ from ._core import (
 )
 from .catalog import Catalog
 from .decision import Decision
-from .errors import BackendUnavailable
+from .errors import BackendUnavailable, CorruptedCounter
 from .health import PROBES, Health, assess
 from .report import Report
 from .storage import AsyncScriptRunner, Backend
@@ -169,8 +169,8 @@ class AsyncUsageGuard:
     async def _settle(self, call: Call[bool]) -> bool:
         try:
             return await self._run(call)
-        except BackendUnavailable as unavailable:
-            return self.sync._defer(call, unavailable)
+        except (BackendUnavailable, CorruptedCounter) as failure:
+            return self.sync._defer(call, failure)
 
     async def aclose(self, *, settle_timeout: float = 5.0) -> None:
         """Close this event loop's connection, after up to ``settle_timeout`` seconds for

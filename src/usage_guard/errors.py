@@ -50,6 +50,15 @@ class BackendMisconfigured(BackendUnavailable):
     it will not answer until someone changes them."""
 
 
+class CorruptedCounter(UsageGuardError):
+    """A counter holds no integer (an operator's ``SET`` typo in redis-cli, a key of
+    another type): nothing was counted. ``key`` names it; fix or delete it."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(f"{key} holds no integer counter: nothing was counted")
+
+
 class UsageLimitExceeded(UsageGuardError):
     """A consumption was denied; ``decision`` says which budget and by how much."""
 

@@ -12,6 +12,9 @@ one table decides for all of them:
   authentication, ``NOPERM``, TLS (an unverified certificate, TLS spoken to a
   plain port). ``ping()`` raises it; at run time the policy decides too, and it
   is logged at ERROR once a minute.
+* ``DATA``: a counter holds no integer (an operator's ``SET`` typo, another type);
+  the scripts counted nothing, and the guard raises
+  :class:`~usage_guard.CorruptedCounter` naming the key.
 * ``UNEXPECTED``: anything else (a script error, a bug). The policy still
   answers the request, but it is logged with its traceback and counted apart,
   so a bug never hides as an outage.
@@ -29,6 +32,8 @@ from redis import exceptions as redis_errors
 class Fault(enum.Enum):
     OUTAGE = "outage"
     MISCONFIGURED = "misconfigured"
+    #: A counter that holds no integer: the scripts counted nothing and said which.
+    DATA = "data"
     UNEXPECTED = "unexpected"
 
 
@@ -66,6 +71,8 @@ _OUTAGE: tuple[type[BaseException], ...] = (
 )
 
 
+#: How the scripts report a counter that holds no integer (lua/_lib.lua's corrupted()).
+DATA_REPLY = "UGDATA "
 # A script's command refused by the ACL: NOPERM, reported as a script error.
 _SCRIPT_NOPERM = "The user executing the script can't run this command"
 
@@ -77,7 +84,10 @@ def classify(error: BaseException) -> Fault:
     ):
         return Fault.MISCONFIGURED
     if isinstance(error, redis_errors.ResponseError) and not isinstance(error, _OUTAGE):
-        return Fault.OUTAGE if str(error).startswith(_OUTAGE_REPLIES) else Fault.UNEXPECTED
+        message = str(error)
+        if message.startswith(DATA_REPLY):
+            return Fault.DATA
+        return Fault.OUTAGE if message.startswith(_OUTAGE_REPLIES) else Fault.UNEXPECTED
     if isinstance(error, _OUTAGE) or _redis_py_lost_its_connection(error):
         return Fault.OUTAGE
     return Fault.UNEXPECTED

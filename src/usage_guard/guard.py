@@ -20,7 +20,7 @@ from ._core import (
 )
 from .catalog import DEFAULT_CATALOG, Catalog
 from .decision import Decision
-from .errors import BackendUnavailable
+from .errors import BackendUnavailable, CorruptedCounter
 from .faults import Fault, classify
 from .health import PROBES, Health, assess
 from .periods import Clock
@@ -236,17 +236,19 @@ class UsageGuard:
     def _settle(self, call: Call[bool]) -> bool:
         try:
             return self._run(call)
-        except BackendUnavailable as unavailable:
-            return self._defer(call, unavailable)
+        except (BackendUnavailable, CorruptedCounter) as failure:
+            return self._defer(call, failure)
 
-    def _defer(self, call: Call[bool], unavailable: BackendUnavailable) -> bool:
+    def _defer(self, call: Call[bool], failure: BackendUnavailable | CorruptedCounter) -> bool:
         """An outage: retried in the background (True: it will land). Anything else would
-        fail again: given up (already logged with its traceback), False."""
-        if classify(unavailable.__cause__ or unavailable) is Fault.UNEXPECTED:
-            self.engine.failures.unsettled += 1
-            return False
-        self.settler.defer(call)
-        return True
+        fail again: given up, logged and counted (False); the work it settles ran."""
+        if isinstance(failure, CorruptedCounter):
+            logger.error("usage_guard: a settle or cancel was given up: %s", failure)
+        elif classify(failure.__cause__ or failure) is not Fault.UNEXPECTED:
+            self.settler.defer(call)
+            return True
+        self.engine.failures.unsettled += 1  # an unexpected error was logged with its traceback
+        return False
 
     def close(self, *, settle_timeout: float = 5.0) -> None:
         """Close the connections, after up to ``settle_timeout`` seconds for settles that

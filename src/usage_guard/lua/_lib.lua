@@ -108,6 +108,29 @@ local function load_metrics()
   return metrics, unknown_plan
 end
 
+-- INCRBY, or nil when the key holds no integer (an operator's SET typo, another type):
+-- the caller takes back what it counted and reports the key, so nothing is half applied.
+local function incr(key, amount)
+  local value = redis.pcall('INCRBY', key, amount)
+  if type(value) == 'table' then
+    return nil
+  end
+  return value
+end
+
+-- A counter's value (0 when absent), or nil when it holds no integer.
+local function read(key)
+  local value = redis.pcall('GET', key)
+  if type(value) == 'table' then
+    return nil
+  end
+  return tonumber(value or '0')
+end
+
+local function corrupted(key)
+  return redis.error_reply('UGDATA ' .. key .. ' holds no integer counter: nothing was counted')
+end
+
 -- A monthly counter that adding delta made (its value is delta) expires with its history.
 local function expire_if_new(key, value, delta)
   if value == delta then

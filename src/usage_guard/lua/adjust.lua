@@ -17,6 +17,16 @@ local function add(key, delta, monthly)
 end
 
 local metrics = load_metrics()
+-- Every counter is checked before anything is written: a key that holds no integer
+-- (an operator's SET typo, another type) is reported, and nothing is half applied.
+for _, m in ipairs(metrics) do
+  for _, key in ipairs(m.personal and {m.key, m.other} or {m.key}) do
+    local value = redis.pcall('GET', key)
+    if type(value) == 'table' or (value and not string.match(value, '^%-?%d+$')) then
+      return corrupted(key)
+    end
+  end
+end
 local deltas = {}
 if FLAGS == 'r' then
   local names = {}

@@ -64,20 +64,32 @@ end
 for i, m in ipairs(metrics) do
   local used, own
   if counting and m.amount > 0 then
+    m.used = incr(m.key, m.amount)
+    if not m.used then
+      take_back(i - 1)
+      return corrupted(m.key)
+    end
     m.counted = true
-    m.used = redis.call('INCRBY', m.key, m.amount)
     used = m.used - m.amount
     if m.personal then
-      m.own = redis.call('INCRBY', m.other, m.amount)
+      m.own = incr(m.other, m.amount)
+      if not m.own then
+        m.personal = false  -- only its org counter to take back
+        take_back(i)
+        return corrupted(m.other)
+      end
       own = m.own - m.amount
     end
-  elseif m.personal then
-    local counters = redis.call('MGET', m.key, m.other)
-    m.used, m.own = tonumber(counters[1] or '0'), tonumber(counters[2] or '0')
-    used, own = m.used, m.own
   else
-    m.used = tonumber(redis.call('GET', m.key) or '0')
-    used = m.used
+    m.used, m.own = read(m.key), 0
+    if m.personal then
+      m.own = read(m.other)
+    end
+    if not (m.used and m.own) then
+      take_back(i - 1)
+      return corrupted(m.used and m.other or m.key)
+    end
+    used, own = m.used, m.own
   end
   if m.personal then
     m.budget = budgets[i] and tonumber(budgets[i])
