@@ -55,7 +55,10 @@ def test_middleware_answers_429_with_retry_after_past_the_rate(guard: UsageGuard
         client.portal.call(app.rate_limits.aclose)
     assert limited.status_code == 429
     assert 1 <= int(limited.headers["retry-after"]) <= 60
-    assert limited.headers["ratelimit-policy"] == '"api_calls";q=3;w=60'
+    # Named apart from the monthly quota of the same metric ("api_calls").
+    assert limited.headers["ratelimit-policy"] == '"api_calls-60s";q=3;w=60'
+    assert limited.headers["ratelimit"].startswith('"api_calls-60s";r=0;t=')
+    assert limited.json()["violated-policies"] == ["api_calls-60s"]
     body = limited.json()
     assert (body["metric"], body["scope"], body["limit"]) == ("api_calls", "rate", 3)
     assert other_org.status_code == 200

@@ -153,13 +153,18 @@ def quota_exceeded(
 def rate_limited(
     metric: str, limit: int, window: int, retry_after: int, *, status: int = 429
 ) -> Problem:
-    """The answer to a short-window rate limit (``limit`` per ``window`` seconds)."""
+    """The answer to a short-window rate limit (``limit`` per ``window`` seconds).
+
+    Its policy is named ``<metric>-<window>s`` (``"api_calls-1s"``): a client tells it
+    from the metric's monthly quota, named after the metric alone.
+    """
+    policy = f"{metric}-{window}s"
     body = {
         "type": QUOTA_EXCEEDED,
         "title": "Rate limit exceeded",
         "status": status,
         "detail": f"Too many requests: at most {limit:,} per {window} s. Retry in {retry_after} s.",
-        "violated-policies": [metric],
+        "violated-policies": [policy],
         "metric": metric,
         "scope": "rate",
         "limit": limit,
@@ -169,8 +174,8 @@ def rate_limited(
     headers: Headers = [
         ("content-type", PROBLEM_JSON),
         ("retry-after", str(retry_after)),
-        ("ratelimit-policy", f'"{metric}";q={limit};w={window}'),
-        ("ratelimit", f'"{metric}";r=0;t={retry_after}'),
+        ("ratelimit-policy", f'"{policy}";q={limit};w={window}'),
+        ("ratelimit", f'"{policy}";r=0;t={retry_after}'),
     ]
     return _problem(status, headers, body)
 
