@@ -245,6 +245,20 @@ def test_decision_fields_of_an_admitted_call(guard: UsageGuard) -> None:
         resets_at=DEC_1,
         quota=10,
         requested=3,
+        # Every other metric of the call, for the response's fields.
+        others=(
+            Decision(
+                allowed=True,
+                metric="contacts",
+                scope="organization",
+                used=2,
+                limit=10,
+                remaining=9,
+                resets_at=None,
+                quota=11,
+                requested=2,
+            ),
+        ),
     )
     assert decision.raise_for_status() is decision
     assert guard.consume("acme", {"contacts": 1, "emails": 1}).resets_at is None

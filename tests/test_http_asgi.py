@@ -184,7 +184,14 @@ def test_route_rules_count_with_api_calls_in_one_call(
     guard: UsageGuard, client_for: Callable[..., TestClient]
 ) -> None:
     client = client_for(build_app(guard, rules=[Rule("/emails", "emails", 2, {"POST"})]))
-    assert client.post("/emails", headers=ORG).status_code == 200
+    served = client.post("/emails", headers=ORG)
+    assert served.status_code == 200
+    # The fields of every metric the request consumed, not only api_calls: a client
+    # reading only "api_calls" would be surprised by a 429 on emails.
+    policies = served.headers["ratelimit-policy"].split(", ")
+    states = served.headers["ratelimit"].split(", ")
+    assert [p.split(";")[0] for p in policies] == ['"api_calls"', '"emails"']
+    assert states[1] == f'"emails";r=3;t={UNTIL_DECEMBER}'
     meters = guard.usage("acme").meters
     assert (meters["api_calls"].used, meters["emails"].used) == (1, 2)
     guard.set_limit("acme", "emails", 3)

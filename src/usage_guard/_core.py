@@ -12,7 +12,7 @@ import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Generic, Literal, TypeVar
 
@@ -444,7 +444,27 @@ class Engine:
         decision = self._make_decision(
             reply[0] == 1, reply[1], reply[2], reply[3], reply[4], reply[5], period, reply[7]
         )
-        return decision, _events(org, period, reply, 8)
+        if len(reply) == 8:  # a denial: no other metrics, no events
+            return decision, ()
+        if reply[8]:
+            others = reply[8]
+            decision = replace(
+                decision,
+                others=tuple(
+                    self._make_decision(
+                        True,
+                        others[i],
+                        others[i + 1],
+                        others[i + 2],
+                        others[i + 3],
+                        others[i + 4],
+                        period,
+                        others[i + 5],
+                    )
+                    for i in range(0, len(others), 6)
+                ),
+            )
+        return decision, _events(org, period, reply, 9)
 
     def _make_decision(
         self,

@@ -38,6 +38,8 @@ class Decision:
     replayed: bool = False
     #: The amount this call asked of ``metric`` (0 when Redis could not be asked).
     requested: int = 0
+    #: An admitted call of several metrics: the decision for each of the others.
+    others: tuple[Decision, ...] = ()
 
     def __bool__(self) -> bool:
         return self.allowed

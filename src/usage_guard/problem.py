@@ -57,10 +57,25 @@ def policy_fields(decision: Decision, catalog: Catalog, now: datetime) -> Header
 def raw_policy_fields(
     decision: Decision, catalog: Catalog, now: float
 ) -> list[tuple[bytes, bytes]]:
-    """:func:`policy_fields` as ASGI sends them, for ``now`` in seconds since the epoch.
+    """:func:`policy_fields` as ASGI sends them, for ``now`` in seconds since the epoch:
+    one policy per metric the call consumed (a list, as the draft allows), for the
+    limited ones.
 
     Built on every admitted response, so everything but ``r`` and ``t`` is cached.
     """
+    if not decision.others:
+        return _fields(decision, catalog, now)
+    policies: list[bytes] = []
+    states: list[bytes] = []
+    for each in (decision, *decision.others):
+        for name, value in _fields(each, catalog, now):
+            (policies if name == b"ratelimit-policy" else states).append(value)
+    if not policies:
+        return []
+    return [(b"ratelimit-policy", b", ".join(policies)), (b"ratelimit", b", ".join(states))]
+
+
+def _fields(decision: Decision, catalog: Catalog, now: float) -> list[tuple[bytes, bytes]]:
     quota = decision.quota
     if quota is None:
         return []

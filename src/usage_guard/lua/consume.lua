@@ -3,7 +3,8 @@
 -- FLAGS 'r': KEYS[EXTRA_KEY] records the reservation's estimates.
 -- Reply: {admitted (1/0), metric, scope, used, limit (-1: none), quota (-1: none),
 --         assigned plan that is not configured ('' if none), the amount asked of that
---         metric, then name, threshold, used, limit for each threshold reached}; an
+--         metric, (admitted) {name, scope, used, limit, quota, amount of each other
+--         metric}, then name, threshold, used, limit for each threshold reached}; an
 --         idempotent replay is {2, stored}.
 
 local function fits(used, amount, quota)
@@ -130,23 +131,32 @@ if not counting then
   end
 end
 
--- The decision describes the first metric's binding budget: the personal one if it leaves less.
-local first = metrics[1]
-local reply
-if first.budget and (not first.limit or first.budget - first.own < first.quota - first.used) then
-  reply = {1, first.name, 'personal', first.own, first.budget, first.budget, unknown_plan,
-           first.amount}
-else
-  reply = {1, first.name, 'organization', first.used, first.limit or -1,
-           first.limit and first.quota or -1, unknown_plan, first.amount}
+-- An admitted metric's binding budget: the personal one if it leaves less.
+local function binding(m)
+  if m.budget and (not m.limit or m.budget - m.own < m.quota - m.used) then
+    return 'personal', m.own, m.budget, m.budget
+  end
+  return 'organization', m.used, m.limit or -1, m.limit and m.quota or -1
 end
+
+-- The decision describes the first metric; the others' budgets follow, so that a
+-- response can carry the fields of every metric it consumed.
+local first = metrics[1]
+local scope, used, limit, quota = binding(first)
+local others = {}
+for i = 2, #metrics do
+  local m, n = metrics[i], #others
+  others[n + 1], others[n + 6] = m.name, m.amount
+  others[n + 2], others[n + 3], others[n + 4], others[n + 5] = binding(m)
+end
+local reply = {1, first.name, scope, used, limit, quota, unknown_plan, first.amount, others}
 if MODE == 'check' then
   return reply
 end
 
 if FLAGS == 'i' then
   redis.call('SET', extra, string.format('%s\t%s\t%d\t%d\t%d\t%s\t%d', first.name,
-    reply[3], reply[4], reply[5], reply[6], PERIOD, first.amount), 'EX', 86400)
+    scope, used, limit, quota, PERIOD, first.amount), 'EX', 86400)
 elseif FLAGS == 'r' then
   local fields = {'period', PERIOD, 'user', USER}
   for _, m in ipairs(metrics) do
