@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -16,6 +18,7 @@ from usage_guard import (
     ThresholdEvent,
     UnknownMetric,
     UsageGuard,
+    listeners,
 )
 
 MakeGuard = Callable[..., UsageGuard]
@@ -83,17 +86,54 @@ def test_the_twins_share_storage_and_listeners(make_guard: MakeGuard) -> None:
     assert guard.usage("acme").meters["emails"].used == 9
 
 
-def test_async_listeners_on_the_sync_guard_are_refused_and_logged(
-    make_guard: MakeGuard, caplog: pytest.LogCaptureFixture
+def test_every_listener_hears_every_event_whichever_side_crossed_it(
+    make_guard: MakeGuard,
 ) -> None:
+    # Before, an async listener was dropped when sync code (a FastAPI def endpoint, a
+    # Flask view, a job) crossed the threshold, and never heard of it again.
     guard = make_guard(plans=PLANS, default_plan="free")
+    heard: list[tuple[str, int]] = []
 
-    async def listener(event: ThresholdEvent) -> None:
-        raise AssertionError("a sync guard cannot await this")
+    async def async_listener(event: ThresholdEvent) -> None:
+        await asyncio.sleep(0)
+        heard.append(("async", event.threshold))
 
-    guard.on_threshold(listener)
-    assert guard.consume("acme", "emails", 10).allowed
-    assert "guard.aio" in caplog.text
+    guard.on_threshold(async_listener)
+    guard.aio.on_threshold(lambda event: heard.append(("sync", event.threshold)))
+    assert guard.consume("acme", "emails", 8).allowed  # sync code crosses 80 %
+
+    async def crossing_90() -> None:
+        await guard.aio.consume("acme", "emails", 1)  # async code crosses 90 %
+
+    run(guard, crossing_90)
+    assert guard.engine.events.drain(5) == 0
+    assert heard == [("async", 80), ("sync", 80), ("async", 90), ("sync", 90)]
+
+
+def test_listeners_run_off_the_request_path(make_guard: MakeGuard) -> None:
+    guard = make_guard(plans=PLANS, default_plan="free")
+    release = threading.Event()
+    guard.on_threshold(lambda event: release.wait(5))
+    started = time.monotonic()
+    assert guard.consume("acme", "emails", 8).allowed  # a slow listener does not hold it
+    assert time.monotonic() - started < 2
+    release.set()
+    assert guard.engine.events.drain(5) == 0
+
+
+def test_what_the_queue_cannot_take_is_dropped_counted_and_logged(
+    make_guard: MakeGuard, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(listeners, "QUEUE_SIZE", 1)
+    guard = make_guard(plans=PLANS, default_plan="free")
+    release = threading.Event()
+    guard.on_threshold(lambda event: release.wait(5))
+    guard.consume("acme", "emails", 8)  # 80 %: delivering
+    guard.consume("acme", "emails", 1)  # 90 %: no room
+    release.set()
+    assert guard.engine.events.drain(5) == 0
+    assert guard.engine.failures.dropped_events == 1
+    assert "were dropped" in caplog.text
 
 
 def test_async_reservations_admin_and_usage(make_guard: MakeGuard, clock: Any) -> None:

@@ -85,7 +85,7 @@ def test_close_gives_up_after_its_timeout_and_says_so(
     assert settled.settle(10) is True  # queued
     assert cancelled.cancel() is True  # queued too
     with caplog.at_level(logging.ERROR, logger="usage_guard"):
-        guard.close(settle_timeout=0.3)
+        guard.close(timeout=0.3)
     assert guard.engine.failures.unsettled == 2 and guard.settler.pending == 0
     assert any("could not reach Redis" in r.getMessage() for r in caplog.records)
 
@@ -103,7 +103,7 @@ def test_the_queue_is_bounded(
             reservation.settle(1)
     assert (guard.settler.pending, guard.engine.failures.unsettled) == (2, 1)
     assert any("dropped" in r.getMessage() for r in caplog.records)
-    guard.close(settle_timeout=0)
+    guard.close(timeout=0)
 
 
 def outage() -> BackendUnavailable:

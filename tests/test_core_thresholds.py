@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -22,9 +22,35 @@ def guard(make_guard: MakeGuard) -> UsageGuard:
     return make_guard(plans=PLANS, default_plan="free")
 
 
+class Delivered(list[ThresholdEvent]):
+    """The events a listener got. Listeners run on a background thread: reading this
+    first waits for what is queued to be delivered."""
+
+    def __init__(self, guard: UsageGuard) -> None:
+        super().__init__()
+        self.guard = guard
+
+    def _delivered(self) -> None:
+        assert self.guard.engine.events.drain(5) == 0
+
+    def __eq__(self, other: object) -> bool:
+        self._delivered()
+        return list.__eq__(self, other)
+
+    def __iter__(self) -> Iterator[ThresholdEvent]:
+        self._delivered()
+        return list.__iter__(self)
+
+    def __len__(self) -> int:
+        self._delivered()
+        return list.__len__(self)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 @pytest.fixture
 def events(guard: UsageGuard) -> list[ThresholdEvent]:
-    received: list[ThresholdEvent] = []
+    received = Delivered(guard)
     guard.on_threshold(received.append)
     return received
 

@@ -6,12 +6,11 @@ The sync and async guards only send a :class:`Call` and hand the reply back to
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Generic, Literal, TypeVar
@@ -22,6 +21,7 @@ from .decision import Decision, Scope, ThresholdEvent
 from .errors import BackendMisconfigured, BackendUnavailable, CorruptedCounter, InvalidUsage
 from .faults import DATA_REPLY, Fault, classify
 from .keys import KeySpace, budget_field, encode_id
+from .listeners import Dispatcher, Listener
 from .periods import Clock, Period, utc_now
 from .plans import UNLIMITED, Plan, Plans, admitted, check_limit, check_value
 from .usage import MeterUsage, PersonalUsage, Usage
@@ -31,7 +31,6 @@ logger = logging.getLogger("usage_guard")
 T = TypeVar("T")
 Amounts = Mapping[str, int]
 BackendErrorPolicy = Literal["allow", "deny"]
-Listener = Callable[[ThresholdEvent], Any]
 
 
 Events = tuple[ThresholdEvent, ...]
@@ -133,6 +132,7 @@ class Engine:
         self.deny_on_backend_error = self._backend_policy(on_backend_error)
         self.listeners: list[Listener] = []
         self.failures = Failures()
+        self.events = Dispatcher(self.listeners, self.failures)
         self._warned_plans: set[tuple[str, str]] = set()
         self._period_cache: tuple[Period, float, float, float] | None = None
         self._prepared: dict[tuple[str, str, str | None], _Prepared] = {}
@@ -548,23 +548,6 @@ class Engine:
             remaining=None,
             resets_at=period.end if metric.monthly else None,
         )
-
-    def notify(self, events: Events) -> list[Awaitable[Any]]:
-        """Call every listener with every event, logging (never raising) their errors.
-
-        Returns what async listeners gave back, for the async guard to await.
-        """
-        pending: list[Awaitable[Any]] = []
-        for event in events:
-            for listener in self.listeners:
-                try:
-                    outcome = listener(event)
-                except Exception:
-                    logger.exception("usage_guard: threshold listener %r failed", listener)
-                    continue
-                if inspect.isawaitable(outcome):
-                    pending.append(outcome)
-        return pending
 
     @property
     def backend_errors(self) -> int:

@@ -30,7 +30,8 @@ class Failures:
     ``on_backend_error`` policy answers; ``unexpected_errors`` counts anything
     else (a bug, a script error), which the policy answers too but which is
     logged with its traceback; ``unsettled`` counts settles and cancels given up
-    on (see :mod:`usage_guard.settling`).
+    on (see :mod:`usage_guard.settling`), ``dropped_events`` threshold events the
+    listeners' queue could not take (see :mod:`usage_guard.listeners`).
     """
 
     #: The test suite sets it: there an unexpected error fails the test instead.
@@ -40,6 +41,7 @@ class Failures:
         self.backend_errors = 0
         self.unexpected_errors = 0
         self.unsettled = 0
+        self.dropped_events = 0
         #: Whether calls fail: set by every outage or misconfiguration, cleared by a
         #: success that started after the last one.
         self.failing = False

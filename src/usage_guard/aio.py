@@ -11,8 +11,6 @@ from ._core import (
     Amounts,
     Call,
     Engine,
-    Events,
-    Listener,
     ReservationBase,
     Ticket,
     cancel_failed,
@@ -21,6 +19,7 @@ from .catalog import Catalog
 from .decision import Decision
 from .errors import BackendUnavailable, CorruptedCounter
 from .health import PROBES, Health, assess
+from .listeners import Listener
 from .report import Report
 from .storage import AsyncScriptRunner, Backend
 from .usage import Usage
@@ -71,15 +70,8 @@ class AsyncUsageGuard:
             failures.recovered(failed_before)
         result, events = call.parse(reply)
         if events:
-            await self._emit(events)
+            self.engine.events.publish(events)
         return result
-
-    async def _emit(self, events: Events) -> None:
-        for outcome in self.engine.notify(events):
-            try:
-                await outcome
-            except Exception:
-                logger.exception("usage_guard: threshold listener failed")
 
     async def consume(
         self,
@@ -172,11 +164,11 @@ class AsyncUsageGuard:
         except (BackendUnavailable, CorruptedCounter) as failure:
             return self.sync._defer(call, failure)
 
-    async def aclose(self, *, settle_timeout: float = 5.0) -> None:
-        """Close this event loop's connection, after up to ``settle_timeout`` seconds for
-        settles that still wait for Redis (waited for in a thread, not on the loop)."""
-        if self.sync.settler.pending:
-            await asyncio.to_thread(self.sync.settler.drain, settle_timeout)
+    async def aclose(self, *, timeout: float = 5.0) -> None:
+        """Close this event loop's connection, after up to ``timeout`` seconds for settles
+        and threshold events still queued (waited for in a thread, not on the loop)."""
+        if self.sync.settler.pending or self.engine.events.pending:
+            await asyncio.to_thread(self.sync._drain, timeout)
         await self.backend.aclose()
 
     async def __aenter__(self) -> AsyncUsageGuard:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -12,8 +13,6 @@ from ._core import (
     BackendErrorPolicy,
     Call,
     Engine,
-    Events,
-    Listener,
     ReservationBase,
     Ticket,
     cancel_failed,
@@ -23,6 +22,7 @@ from .decision import Decision
 from .errors import BackendUnavailable, CorruptedCounter
 from .faults import Fault, classify
 from .health import PROBES, Health, assess
+from .listeners import Listener
 from .periods import Clock
 from .plans import Plan
 from .report import Report
@@ -114,13 +114,8 @@ class UsageGuard:
             failures.recovered(failed_before)
         result, events = call.parse(reply)
         if events:
-            self._emit(events)
+            self.engine.events.publish(events)
         return result
-
-    def _emit(self, events: Events) -> None:
-        for outcome in self.engine.notify(events):
-            _close(outcome)
-            logger.error("usage_guard: async threshold listeners need the async guard (guard.aio)")
 
     # -- metering ---------------------------------------------------------------------
 
@@ -250,11 +245,17 @@ class UsageGuard:
         self.engine.failures.unsettled += 1  # an unexpected error was logged with its traceback
         return False
 
-    def close(self, *, settle_timeout: float = 5.0) -> None:
-        """Close the connections, after up to ``settle_timeout`` seconds for settles that
-        still wait for Redis (what is left then is logged and counted)."""
-        self.settler.drain(settle_timeout)
+    def close(self, *, timeout: float = 5.0) -> None:
+        """Close the connections, after up to ``timeout`` seconds for settles that still
+        wait for Redis (what is left then is logged and counted) and threshold events
+        that still wait for their listeners."""
+        self._drain(timeout)
         self.backend.close()
+
+    def _drain(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        self.settler.drain(timeout)
+        self.engine.events.drain(max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> UsageGuard:
         return self
@@ -304,9 +305,3 @@ class Reservation(ReservationBase):
                 self.cancel()
             except Exception as failed:
                 cancel_failed(failed)
-
-
-def _close(awaitable: Any) -> None:
-    close = getattr(awaitable, "close", None)
-    if close is not None:
-        close()
