@@ -134,19 +134,22 @@ def test_demo_page_in_chromium_phone(browser: Browser, demo_url: str) -> None:
     page.close()
 
 
-def test_admin_form_works_without_javascript(browser: Browser, demo_url: str) -> None:
-    context = browser.new_context(java_script_enabled=False)
-    page = context.new_page()
+def set_budget_with_the_form(page: Page, demo_url: str, user: str, budget: int) -> Any:
+    """Submit the page's budget form as a person would; the user's report afterwards."""
     page.goto(demo_url)
-    page.fill("#budget-user", "dora")
+    page.fill("#budget-user", user)
     page.select_option("#budget-metric", "enrichments")
-    page.fill("#budget-value", "1500")
+    page.fill("#budget-value", str(budget))
     page.click("text=Save budget")
     page.wait_for_load_state()
     assert page.url == demo_url
-    report = httpx.get(
-        demo_url + "report.json", headers={"x-org-id": "acme", "x-user-id": "dora"}
-    ).json()
+    headers = {"x-org-id": "acme", "x-user-id": user}
+    return httpx.get(demo_url + "report.json", headers=headers).json()
+
+
+def test_admin_form_works_without_javascript(browser: Browser, demo_url: str) -> None:
+    context = browser.new_context(java_script_enabled=False)
+    report = set_budget_with_the_form(context.new_page(), demo_url, "dora", 1500)
     assert report["personal"]["meters"][1] == {
         "metric": "enrichments",
         "used": 0,
@@ -210,15 +213,6 @@ def test_the_pages_own_form_works_under_referrer_policy_no_referrer(
         )
 
     page.route(demo_url, no_referrer)
-    page.goto(demo_url)
-    page.fill("#budget-user", "erin")
-    page.select_option("#budget-metric", "enrichments")
-    page.fill("#budget-value", "700")
-    page.click("text=Save budget")
-    page.wait_for_load_state()
-    assert page.url == demo_url
-    report = httpx.get(
-        demo_url + "report.json", headers={"x-org-id": "acme", "x-user-id": "erin"}
-    ).json()
+    report = set_budget_with_the_form(page, demo_url, "erin", 700)
     assert report["personal"]["meters"][1]["budget"] == 700
     context.close()
