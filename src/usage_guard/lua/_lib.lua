@@ -108,27 +108,44 @@ local function load_metrics()
   return metrics, unknown_plan
 end
 
--- INCRBY, or nil when the key holds no integer (an operator's SET typo, another type):
--- the caller takes back what it counted and reports the key, so nothing is half applied.
+-- Whether a redis.pcall error says the key holds no integer (an operator's SET typo,
+-- another type) rather than that Redis cannot write now (OOM, READONLY, ...).
+local function not_a_counter(failure)
+  local message = tostring(failure.err)  -- fakeredis hands a Python object over
+  return string.find(message, 'WRONGTYPE', 1, true) ~= nil
+    or string.find(message, 'not an integer', 1, true) ~= nil
+end
+
+-- INCRBY, or nil and the error: the caller takes back what it counted and reports it,
+-- so nothing is half applied.
 local function incr(key, amount)
   local value = redis.pcall('INCRBY', key, amount)
   if type(value) == 'table' then
-    return nil
+    return nil, value
   end
   return value
 end
 
--- A counter's value (0 when absent), or nil when it holds no integer.
+-- A counter's value (0 when absent), or nil and the error when it cannot be read as one.
 local function read(key)
   local value = redis.pcall('GET', key)
   if type(value) == 'table' then
-    return nil
+    return nil, value
   end
-  return tonumber(value or '0')
+  local number = tonumber(value or '0')
+  if not number then
+    return nil, {err = 'not an integer'}
+  end
+  return number
 end
 
-local function corrupted(key)
-  return redis.error_reply('UGDATA ' .. key .. ' holds no integer counter: nothing was counted')
+-- The error reply for a failed counter: the key named when it holds no integer, else
+-- Redis's own error (an outage such as OOM, which the client's policy answers).
+local function failed(key, failure)
+  if not_a_counter(failure) then
+    return redis.error_reply('UGDATA ' .. key .. ' holds no integer counter: nothing was counted')
+  end
+  return failure
 end
 
 -- A monthly counter that adding delta made (its value is delta) expires with its history.

@@ -21,9 +21,9 @@ local metrics = load_metrics()
 -- (an operator's SET typo, another type) is reported, and nothing is half applied.
 for _, m in ipairs(metrics) do
   for _, key in ipairs(m.personal and {m.key, m.other} or {m.key}) do
-    local value = redis.pcall('GET', key)
-    if type(value) == 'table' or (value and not string.match(value, '^%-?%d+$')) then
-      return corrupted(key)
+    local value, failure = read(key)
+    if not value then
+      return failed(key, failure)
     end
   end
 end

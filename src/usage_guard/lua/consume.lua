@@ -65,30 +65,34 @@ end
 for i, m in ipairs(metrics) do
   local used, own
   if counting and m.amount > 0 then
-    m.used = incr(m.key, m.amount)
+    local failure
+    m.used, failure = incr(m.key, m.amount)
     if not m.used then
       take_back(i - 1)
-      return corrupted(m.key)
+      return failed(m.key, failure)
     end
     m.counted = true
     used = m.used - m.amount
     if m.personal then
-      m.own = incr(m.other, m.amount)
+      m.own, failure = incr(m.other, m.amount)
       if not m.own then
         m.personal = false  -- only its org counter to take back
         take_back(i)
-        return corrupted(m.other)
+        return failed(m.other, failure)
       end
       own = m.own - m.amount
     end
   else
-    m.used, m.own = read(m.key), 0
-    if m.personal then
-      m.own = read(m.other)
+    local failure, key
+    m.used, failure = read(m.key)
+    key, m.own = m.key, 0
+    if m.used and m.personal then
+      m.own, failure = read(m.other)
+      key = m.other
     end
     if not (m.used and m.own) then
       take_back(i - 1)
-      return corrupted(m.used and m.other or m.key)
+      return failed(key, failure)
     end
     used, own = m.used, m.own
   end
