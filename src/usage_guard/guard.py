@@ -242,7 +242,8 @@ class UsageGuard:
         elif classify(failure.__cause__ or failure) is not Fault.UNEXPECTED:
             self.settler.defer(call)
             return True
-        self.engine.failures.unsettled += 1  # an unexpected error was logged with its traceback
+        # (An unexpected error was already logged with its traceback.)
+        self.engine.failures.unsettled += 1
         return False
 
     def close(self, *, timeout: float = 5.0) -> None:
