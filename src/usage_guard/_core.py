@@ -90,6 +90,14 @@ class ReservationBase:
         """Whether the estimate is counted and neither settled nor cancelled yet."""
         return self.decision.allowed and self.decision.scope != "unavailable" and not self.closed
 
+    def _closing(self, call: Call[bool]) -> Call[bool] | None:
+        """``call`` (a settle or cancel) if it is this reservation's to send, now closed;
+        None when there is nothing left to adjust."""
+        if not self.open:
+            return None
+        self.closed = True
+        return call
+
     @property
     def estimate(self) -> Amounts:
         """What was reserved, per metric: settling to it closes the reservation as counted."""

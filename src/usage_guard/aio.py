@@ -162,7 +162,7 @@ class AsyncUsageGuard:
         try:
             return await self._run(call)
         except (BackendUnavailable, CorruptedCounter) as failure:
-            return self.sync._defer(call, failure)
+            return self.sync.settler.failed(call, failure)
 
     async def aclose(self, *, timeout: float = 5.0) -> None:
         """Close this event loop's connection, after up to ``timeout`` seconds for settles
@@ -188,19 +188,13 @@ class AsyncReservation(ReservationBase):
     async def settle(self, actual: int | Amounts) -> bool:
         """Adjust the counters by ``actual - estimate``; retried in the background during
         an outage. False if already done."""
-        call = self.guard.engine.settle(self.ticket, actual)
-        if not self.open:
-            return False
-        self.closed = True
-        return await self.guard._settle(call)
+        call = self._closing(self.guard.engine.settle(self.ticket, actual))
+        return call is not None and await self.guard._settle(call)
 
     async def cancel(self) -> bool:
         """Refund the estimate; retried like settle. False if already done."""
-        call = self.guard.engine.settle(self.ticket, None)
-        if not self.open:
-            return False
-        self.closed = True
-        return await self.guard._settle(call)
+        call = self._closing(self.guard.engine.settle(self.ticket, None))
+        return call is not None and await self.guard._settle(call)
 
     async def __aenter__(self) -> AsyncReservation:
         return self

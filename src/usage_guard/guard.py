@@ -20,7 +20,6 @@ from ._core import (
 from .catalog import DEFAULT_CATALOG, Catalog
 from .decision import Decision
 from .errors import BackendUnavailable, CorruptedCounter
-from .faults import Fault, classify
 from .health import PROBES, Health, assess
 from .listeners import Listener
 from .periods import Clock
@@ -232,19 +231,7 @@ class UsageGuard:
         try:
             return self._run(call)
         except (BackendUnavailable, CorruptedCounter) as failure:
-            return self._defer(call, failure)
-
-    def _defer(self, call: Call[bool], failure: BackendUnavailable | CorruptedCounter) -> bool:
-        """An outage: retried in the background (True: it will land). Anything else would
-        fail again: given up, logged and counted (False); the work it settles ran."""
-        if isinstance(failure, CorruptedCounter):
-            logger.error("usage_guard: a settle or cancel was given up: %s", failure)
-        elif classify(failure.__cause__ or failure) is not Fault.UNEXPECTED:
-            self.settler.defer(call)
-            return True
-        # (An unexpected error was already logged with its traceback.)
-        self.engine.failures.unsettled += 1
-        return False
+            return self.settler.failed(call, failure)
 
     def close(self, *, timeout: float = 5.0) -> None:
         """Close the connections, after up to ``timeout`` seconds for settles that still
@@ -282,19 +269,13 @@ class Reservation(ReservationBase):
         Never fails for an outage: the settle is then retried in the background
         until Redis answers (and True is returned).
         """
-        call = self.guard.engine.settle(self.ticket, actual)
-        if not self.open:
-            return False
-        self.closed = True
-        return self.guard._settle(call)
+        call = self._closing(self.guard.engine.settle(self.ticket, actual))
+        return call is not None and self.guard._settle(call)
 
     def cancel(self) -> bool:
         """Refund the estimate. False if already settled or cancelled; retried like settle."""
-        call = self.guard.engine.settle(self.ticket, None)
-        if not self.open:
-            return False
-        self.closed = True
-        return self.guard._settle(call)
+        call = self._closing(self.guard.engine.settle(self.ticket, None))
+        return call is not None and self.guard._settle(call)
 
     def __enter__(self) -> Reservation:
         return self

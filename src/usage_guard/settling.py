@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._runtime import Failures
-from .errors import BackendUnavailable
+from .errors import BackendUnavailable, CorruptedCounter
 from .faults import Fault, classify
 
 logger = logging.getLogger("usage_guard")
@@ -78,6 +78,20 @@ class Settler:
                 self._thread.start()
             self._changed.notify_all()
 
+    def failed(self, call: Any, failure: Exception) -> bool:
+        """A settle that failed on its first try: retried in the background when it may
+        land later (True: it will), else given up (False): it would fail the same way."""
+        if _may_land_later(failure):
+            self.defer(call)
+            return True
+        self._give_up(failure)
+        return False
+
+    def _give_up(self, failure: Exception) -> None:
+        self._failures.unsettled += 1
+        if isinstance(failure, CorruptedCounter):  # anything else was logged with its traceback
+            logger.error("usage_guard: a settle or cancel was given up: %s", failure)
+
     def _retry(self) -> None:
         delay = FIRST_RETRY
         while True:
@@ -91,12 +105,12 @@ class Settler:
                 self._run(call)
                 landed, hopeless = True, False
             except Exception as error:
-                landed, hopeless = False, not _outage(error)
+                landed, hopeless = False, not _may_land_later(error)
+                if hopeless:
+                    self._give_up(error)
             with self._changed:
                 self._running = None
-                if hopeless:
-                    self._failures.unsettled += 1  # logged with its traceback by run()
-                elif not landed:
+                if not (landed or hopeless):
                     # To the back: on a Cluster one node's outage holds up no other node's.
                     self._queue.append(call)
                 self._changed.notify_all()
@@ -140,11 +154,11 @@ class Settler:
         self._changed = threading.Condition()
 
 
-def _outage(error: Exception) -> bool:
+def _may_land_later(error: Exception) -> bool:
     """Whether a failed settle may land later (an outage or a misconfiguration that
     someone may fix), rather than fail the same way every time (a bug, a data error)."""
     cause = error.__cause__ if isinstance(error, BackendUnavailable) else error
-    return cause is not None and classify(cause) is not Fault.UNEXPECTED
+    return cause is not None and classify(cause) in (Fault.OUTAGE, Fault.MISCONFIGURED)
 
 
 _settlers: weakref.WeakSet[Settler] = weakref.WeakSet()
