@@ -60,10 +60,19 @@ def test_every_key_has_its_documented_name_type_and_ttl(guard: UsageGuard, clock
     guard.consume("acme", "enrichments", 4, user="bob")
     p = guard.engine.prefix
     client = raw_client(guard)
+    # An open reservation holds its estimate apart from the counters until its deadline.
+    entry = f"r:{reservation.ticket.id}\tc:emails:2026-11=2"
     expected = {
-        f"{p}:{{acme}}:org": ("hash", {"plan": "pro", "limit:contacts": "50"}),
+        f"{p}:{{acme}}:org": (
+            "hash",
+            {
+                "plan": "pro",
+                "limit:contacts": "50",
+                "reservations:due": str(reservation.ticket.deadline),
+            },
+        ),
         f"{p}:{{acme}}:budgets": ("hash", {"alice:ai_tokens": "100"}),
-        f"{p}:{{acme}}:c:emails:2026-11": ("string", "5"),
+        f"{p}:{{acme}}:c:emails:2026-11": ("string", "3"),
         f"{p}:{{acme}}:c:ai_tokens:2026-11": ("string", "90"),
         f"{p}:{{acme}}:c:enrichments:2026-11": ("string", "4"),
         f"{p}:{{acme}}:u:alice:ai_tokens:2026-11": ("string", "90"),
@@ -71,20 +80,22 @@ def test_every_key_has_its_documented_name_type_and_ttl(guard: UsageGuard, clock
         f"{p}:{{acme}}:g:contacts": ("string", "45"),
         f"{p}:{{acme}}:h:contacts": ("hash", {"2026-11": "45"}),
         f"{p}:{{acme}}:t:2026-11": ("hash", {"contacts": "90"}),
-        f"{p}:{{acme}}:r:{reservation.ticket.id}": (
-            "hash",
-            {"period": "2026-11", "user": "alice", "emails": "2"},
-        ),
+        f"{p}:{{acme}}:r:{reservation.ticket.id}": ("string", entry),
+        f"{p}:{{acme}}:reservations": ("zset", [(entry, reservation.ticket.deadline)]),
+        f"{p}:{{acme}}:held": ("hash", {"c:emails:2026-11": "2"}),
     }
     idempotency = f"{p}:{{acme}}:idem:req-1"
     assert keys_of(guard) == {*expected, idempotency}
     for key, (kind, value) in expected.items():
         assert client.type(key) == kind, key
-        stored = client.hgetall(key) if kind == "hash" else client.get(key)
+        if kind == "zset":
+            stored: Any = client.zrange(key, 0, -1, withscores=True)
+        else:
+            stored = client.hgetall(key) if kind == "hash" else client.get(key)
         assert stored == value, key
     window_end = seconds_until(NOVEMBER_KEYS_EXPIRE, clock)
     for key in expected:
-        if ":c:" in key or ":u:" in key or ":t:" in key or ":r:" in key:
+        if ":c:" in key or ":u:" in key or ":t:" in key or ":r" in key or ":held" in key:
             assert_ttl(client, key, window_end)
         else:
             assert client.ttl(key) == -1, key  # org data and cumulative meters never expire
@@ -165,7 +176,7 @@ def test_every_key_of_an_org_is_in_its_hash_slot(guard: UsageGuard) -> None:
     guard.reserve(org, "emails", 1)
     names = keys_of(guard)
     tag = "{" + encode_id(org) + "}"
-    assert len(names) == 8
+    assert len(names) == 10
     assert all(name.count("{") == name.count("}") == 1 and tag in name for name in names)
     assert len({key_slot(name.encode()) for name in names}) == 1
 

@@ -84,6 +84,7 @@ def test_settling_after_the_month_changed_adjusts_the_reserved_period(
     clock.set(2026, 12, 1)
     assert november.settle(800) is True
     assert guard.usage("acme").meters["ai_tokens"].history[-2:] == (800, 0)
+    clock.set(2026, 12, 31, 23, 59)
     december = guard.reserve("acme", "ai_tokens", 1000)
     assert december.decision.allowed
     clock.set(2027, 1, 1)
@@ -126,11 +127,14 @@ def test_an_invalid_actual_amount_leaves_the_reservation_open(guard: UsageGuard)
     assert used(guard, "ai_tokens") == 60
 
 
-def test_cumulative_reservations_never_go_below_zero(guard: UsageGuard) -> None:
+def test_an_open_estimate_stays_apart_from_a_reconciled_cumulative_value(
+    guard: UsageGuard,
+) -> None:
     reservation = guard.reserve("acme", "contacts", 8)
     guard.set_usage("acme", "contacts", 2)
+    assert used(guard, "contacts") == 10
     assert reservation.cancel() is True
-    assert used(guard, "contacts") == 0
+    assert used(guard, "contacts") == 2
 
 
 # -- reservations always close ----------------------------------------------------------

@@ -156,6 +156,32 @@ def test_a_new_period_rearms_the_thresholds(
     ]
 
 
+def test_a_cumulative_settle_in_a_later_month_belongs_to_that_month(
+    guard: UsageGuard, events: list[ThresholdEvent], clock: Any
+) -> None:
+    clock.set(2026, 11, 30, 23, 50)
+    guard.consume("acme", "contacts", 1)
+    reservation = guard.reserve("acme", {"contacts": 1, "emails": 1}, ttl=3600)
+    clock.set(2026, 12, 1, 0, 10)
+    reservation.settle({"contacts": 8, "emails": 9})  # contacts: 9; November's emails: 9
+    assert [(e.metric, e.threshold, e.used, e.period) for e in events] == [
+        ("contacts", 80, 9, "2026-12"),
+        ("contacts", 90, 9, "2026-12"),
+        ("emails", 80, 9, "2026-11"),
+        ("emails", 90, 9, "2026-11"),
+    ]
+    meters = guard.usage("acme").meters
+    assert meters["contacts"].history[-2:] == (1, 9)  # November ended at 1
+    assert meters["emails"].history[-2:] == (9, 0)
+    guard.consume("acme", "contacts", 1)  # 10: December's 80 and 90 % have fired
+    guard.consume("acme", "emails", 9)  # December's own emails
+    assert [(e.metric, e.threshold, e.period) for e in events][4:] == [
+        ("contacts", 100, "2026-12"),
+        ("emails", 80, "2026-12"),
+        ("emails", 90, "2026-12"),
+    ]
+
+
 def test_thresholds_are_per_org(guard: UsageGuard, events: list[ThresholdEvent]) -> None:
     guard.consume("acme", "emails", 8)
     guard.consume("globex", "emails", 8)

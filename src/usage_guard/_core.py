@@ -53,8 +53,11 @@ class Call(Generic[T]):
 #: Single-metric consumptions prepared at once, per (org, metric, user); past it the
 #: cache starts afresh (a prepared call is rebuilt in microseconds).
 PREPARED_SIZE = 4096
-# Where a consume call's arguments hold the keys' TTL and the amount (see lua/_lib.lua).
-_TTL_ARG, _AMOUNT_ARG = 1, 6
+# Where a consume call's arguments hold the keys' TTL, the time and the amount (see
+# lua/_lib.lua).
+_TTL_ARG, _NOW_ARG, _AMOUNT_ARG = 1, 5, 8
+#: The longest a reservation may stay open (seconds): it holds work in progress.
+MAX_RESERVATION_TTL = 31 * 86400
 
 
 @dataclass(slots=True)
@@ -74,26 +77,40 @@ class Ticket:
     user: str | None
     period: Period
     amounts: Amounts
+    #: When the estimate stops being held (ms since the epoch, by the guard's clock).
+    deadline: int
 
 
 class ReservationBase:
     """What the sync and async reservations share: the decision and where to find it again."""
 
-    def __init__(self, decision: Decision, ticket: Ticket) -> None:
+    def __init__(self, decision: Decision, ticket: Ticket, engine: Engine) -> None:
         self.decision = decision
         self.ticket = ticket
+        self._engine = engine
         #: Settled or cancelled (or handed to the background settler) by this object.
         self.closed = False
 
     @property
-    def open(self) -> bool:
-        """Whether the estimate is counted and neither settled nor cancelled yet."""
+    def _held(self) -> bool:
+        """Whether Redis may still hold the estimate for this object to settle or cancel."""
         return self.decision.allowed and self.decision.scope != "unavailable" and not self.closed
+
+    @property
+    def open(self) -> bool:
+        """Whether the estimate is held: neither settled, cancelled nor expired yet."""
+        return self._held and self._engine.now()[2] < self.ticket.deadline
+
+    @property
+    def expires_at(self) -> datetime:
+        """When an estimate left open is refunded (by the guard's clock)."""
+        return datetime.fromtimestamp(self.ticket.deadline / 1000, timezone.utc)
 
     def _closing(self, call: Call[bool]) -> Call[bool] | None:
         """``call`` (a settle or cancel) if it is this reservation's to send, now closed;
-        None when there is nothing left to adjust."""
-        if not self.open:
+        None when there is nothing left to adjust. Expired reservations still send it:
+        Redis decides what a late settle or cancel does."""
+        if not self._held:
             return None
         self.closed = True
         return call
@@ -125,6 +142,7 @@ class Engine:
         prefix: str = "ug",
         history_months: int = 6,
         on_backend_error: BackendErrorPolicy | Mapping[str, BackendErrorPolicy] = "allow",
+        reservation_ttl: float = 900,
     ) -> None:
         if not isinstance(catalog, Catalog):
             raise InvalidUsage("catalog must be a Catalog")
@@ -137,6 +155,7 @@ class Engine:
         self.clock: Clock = clock or utc_now
         self.prefix = prefix
         self.history_months = history_months
+        self.reservation_ttl = check_reservation_ttl(reservation_ttl, "reservation_ttl")
         self.deny_on_backend_error = self._backend_policy(on_backend_error)
         self.listeners: list[Listener] = []
         self.failures = Failures()
@@ -179,8 +198,9 @@ class Engine:
         """Now by the engine's clock, in seconds since the epoch."""
         return time.time() if self.clock is utc_now else self.clock().timestamp()
 
-    def now(self) -> tuple[Period, int]:
-        """The current period and the TTL (s) of its keys: until it leaves the history window.
+    def now(self) -> tuple[Period, int, int]:
+        """The current period, the TTL (s) of its keys (until it leaves the history
+        window) and the time (ms since the epoch) that scripts sweep reservations by.
 
         The clock is read once, so the period and the TTL never straddle 00:00Z on the 1st.
         """
@@ -192,7 +212,7 @@ class Engine:
             expires = period.shift(self.history_months).start.timestamp()
             cached = (period, period.start.timestamp(), period.end.timestamp(), expires)
             self._period_cache = cached
-        return cached[0], max(1, math.ceil(cached[3] - now))
+        return cached[0], max(1, math.ceil(cached[3] - now)), int(now * 1000)
 
     def ttl(self, period: Period) -> int:
         expires = period.shift(self.history_months).start.timestamp()
@@ -214,26 +234,31 @@ class Engine:
         space: KeySpace,
         user: str | None,
         items: Sequence[tuple[Metric, int]],
-        period: Period,
-        ttl: int,
+        now: tuple[Period, int, int],
         mode: str,
-        extra_key: str | None = None,
+        *,
+        extra_keys: Sequence[str] = (),
+        mode_number: int = 0,
+        counted: Period | None = None,
     ) -> tuple[list[str], list[str | int]]:
+        """Keys and arguments of consume.lua or adjust.lua (see lua/_lib.lua): the change
+        happens ``now``; monthly counters are those of ``counted`` (default: now's)."""
+        period, ttl, now_ms = now
         user_id = "" if user is None else encode_id(user)
         pkey = period.key
-        keys = [space.org, space.budgets, space.thresholds(pkey)]
-        args: list[str | int] = [pkey, ttl, self._default_plan, mode, user_id]
+        ckey = pkey if counted is None else counted.key
+        keys = [space.org, space.budgets, space.thresholds(pkey), space.reservations, space.held]
+        args: list[str | int] = [pkey, ttl, self._default_plan, mode, user_id, now_ms, mode_number]
         for metric, amount in items:
             personal = metric.personal and user is not None
             if metric.monthly:
-                counter = space.counter(metric.name, pkey)
-                other = space.personal(user_id, metric.name, pkey) if personal else counter
+                counter = space.counter(metric.name, ckey)
+                other = space.personal(user_id, metric.name, ckey) if personal else counter
                 keys += (counter, other)
             else:
                 keys += (space.gauge(metric.name), space.history(metric.name))
             args += (metric.name, amount, 1 if personal else 0, self._specs[metric.name])
-        if extra_key is not None:
-            keys.append(extra_key)
+        keys += extra_keys
         return keys, args
 
     def consume(
@@ -255,13 +280,13 @@ class Engine:
         ):
             return self._consume_one(org, metric, amount, user)
         items = self.amounts(metric, amount)
-        period, ttl = self.now()
+        now = self.now()
         space = KeySpace.of(self.prefix, org)
-        mode, extra = ("check" if check else "consume"), None
+        mode, extra = ("check" if check else "consume"), []
         if idempotency_key is not None and not check:
-            mode, extra = "idempotent", space.idempotency(idempotency_key)
-        keys, args = self._script_args(space, user, items, period, ttl, mode, extra)
-        return self._consume_call(org, period, items, keys, args)
+            mode, extra = "idempotent", [space.idempotency(idempotency_key)]
+        keys, args = self._script_args(space, user, items, now, mode, extra_keys=extra)
+        return self._consume_call(org, now[0], items, keys, args)
 
     def _consume_call(
         self,
@@ -287,19 +312,20 @@ class Engine:
         if prepared is None:
             self.catalog[metric]  # an unknown metric is named before a bad amount
         check_value(amount)
-        period, ttl = self.now()
+        period, ttl, now_ms = self.now()
         if prepared is None or prepared.period is not period:
             prepared = self._prepare(org, metric, user, period)
         template = prepared.call
         args = template.args.copy()
         args[_TTL_ARG] = ttl
+        args[_NOW_ARG] = now_ms
         args[_AMOUNT_ARG] = amount
         return Call("consume", template.keys, args, template.parse, template.fallback)
 
     def _prepare(self, org: str, metric: str, user: str | None, period: Period) -> _Prepared:
         items = [(self.catalog[metric], 0)]
         keys, args = self._script_args(
-            KeySpace.of(self.prefix, org), user, items, period, 0, "consume"
+            KeySpace.of(self.prefix, org), user, items, (period, 0, 0), "consume"
         )
         prepared = _Prepared(period, self._consume_call(org, period, items, keys, args))
         if len(self._prepared) >= PREPARED_SIZE:
@@ -308,16 +334,36 @@ class Engine:
         return prepared
 
     def reserve(
-        self, org: str, metric: str | Amounts, amount: int, *, user: str | None
+        self,
+        org: str,
+        metric: str | Amounts,
+        amount: int,
+        *,
+        user: str | None,
+        ttl: float | None = None,
     ) -> tuple[Call[Decision], Ticket]:
         items = self.amounts(metric, amount)
-        period, ttl = self.now()
+        hold = self.reservation_ttl if ttl is None else check_reservation_ttl(ttl, "ttl")
+        now = self.now()
         space = KeySpace.of(self.prefix, org)
-        ticket = Ticket(uuid.uuid4().hex, org, user, period, {m.name: a for m, a in items})
-        keys, args = self._script_args(
-            space, user, items, period, ttl, "reserve", space.reservation(ticket.id)
+        ticket = Ticket(
+            uuid.uuid4().hex,
+            org,
+            user,
+            now[0],
+            {m.name: a for m, a in items},
+            now[2] + math.ceil(hold * 1000),
         )
-        return self._consume_call(org, period, items, keys, args), ticket
+        keys, args = self._script_args(
+            space,
+            user,
+            items,
+            now,
+            "reserve",
+            extra_keys=(space.reservation(ticket.id),),
+            mode_number=ticket.deadline,
+        )
+        return self._consume_call(org, now[0], items, keys, args), ticket
 
     def settle(self, ticket: Ticket, actual: int | Amounts | None) -> Call[bool]:
         """``actual=None`` cancels: the estimate is refunded."""
@@ -334,18 +380,22 @@ class Engine:
         items = [
             (self.catalog[name], check_value(value, "actual")) for name, value in amounts.items()
         ]
-        period = ticket.period
+        now = self.now()
+        counted = ticket.period
         space = KeySpace.of(self.prefix, ticket.org)
         keys, args = self._script_args(
             space,
             ticket.user,
             items,
-            period,
-            self.ttl(period),
+            now,
             mode,
-            space.reservation(ticket.id),
+            extra_keys=(space.reservation(ticket.id), space.thresholds(counted.key)),
+            mode_number=self.ttl(counted),
+            counted=counted,
         )
-        return Call("adjust", keys, args, lambda reply: self._adjusted(ticket.org, period, reply))
+        return Call(
+            "adjust", keys, args, lambda reply: self._adjusted(ticket.org, now[0], counted, reply)
+        )
 
     def adjust(
         self, org: str, metric: str | Amounts, amount: int, mode: Literal["release", "set"]
@@ -356,10 +406,9 @@ class Engine:
                 raise InvalidUsage(
                     f"{m.name} resets monthly: only cumulative metrics can be released or set"
                 )
-        period, ttl = self.now()
-        space = KeySpace.of(self.prefix, org)
-        keys, args = self._script_args(space, None, items, period, ttl, mode)
-        return Call("adjust", keys, args, lambda reply: self._adjusted(org, period, reply))
+        now = self.now()
+        keys, args = self._script_args(KeySpace.of(self.prefix, org), None, items, now, mode)
+        return Call("adjust", keys, args, lambda reply: self._adjusted(org, now[0], now[0], reply))
 
     def refund(
         self, org: str, amounts: Amounts, user: str | None, admitted: Decision
@@ -367,33 +416,38 @@ class Engine:
         """Take back what ``admitted`` counted for a request that was refused after all,
         unchecked and never below 0, in the period it was counted in."""
         items = self.amounts(amounts, 1)
-        period = (
-            self.now()[0]
+        now = self.now()
+        counted = (
+            now[0]
             if admitted.resets_at is None
             else Period.containing(admitted.resets_at).shift(-1)
         )
         space = KeySpace.of(self.prefix, org)
-        keys, args = self._script_args(space, user, items, period, self.ttl(period), "release")
-        return Call("adjust", keys, args, lambda reply: self._adjusted(org, period, reply))
+        keys, args = self._script_args(space, user, items, now, "release", counted=counted)
+        return Call("adjust", keys, args, lambda reply: self._adjusted(org, now[0], counted, reply))
 
     # -- admin --------------------------------------------------------------------------
 
-    def _admin(self, key: str, *args: str) -> Call[None]:
-        return Call("admin", [key], list(args), _none)
+    def _admin(self, space: KeySpace, key: str, *args: str) -> Call[None]:
+        keys = [space.org, key, space.reservations, space.held]
+        return Call("admin", keys, [self.now()[2], *args], _none)
 
     def assign_plan(self, org: str, plan: str | None) -> Call[None]:
         if plan is not None:
             self.plans.get(plan)
-        return self._admin(KeySpace.of(self.prefix, org).org, "assign", plan or "")
+        space = KeySpace.of(self.prefix, org)
+        return self._admin(space, space.org, "assign", plan or "")
 
     def set_limit(self, org: str, metric: str, limit: int | None) -> Call[None]:
         self.catalog[metric]
         stored = UNLIMITED if check_limit(limit) is None else str(limit)
-        return self._admin(KeySpace.of(self.prefix, org).org, "set", f"limit:{metric}", stored)
+        space = KeySpace.of(self.prefix, org)
+        return self._admin(space, space.org, "set", f"limit:{metric}", stored)
 
     def remove_limit(self, org: str, metric: str) -> Call[None]:
         self.catalog[metric]
-        return self._admin(KeySpace.of(self.prefix, org).org, "unset", f"limit:{metric}")
+        space = KeySpace.of(self.prefix, org)
+        return self._admin(space, space.org, "unset", f"limit:{metric}")
 
     def set_budget(self, org: str, user: str, metric: str, budget: int | None) -> Call[None]:
         if not self.catalog[metric].personal:
@@ -401,15 +455,15 @@ class Engine:
         space = KeySpace.of(self.prefix, org)
         name = budget_field(encode_id(user), metric)
         if check_limit(budget, "budget") is None:
-            return self._admin(space.budgets, "unset", name)
-        return self._admin(space.budgets, "set", name, str(budget))
+            return self._admin(space, space.budgets, "unset", name)
+        return self._admin(space, space.budgets, "set", name, str(budget))
 
     # -- reads --------------------------------------------------------------------------
 
     def usage(self, org: str, user: str | None = None) -> Call[Usage]:
         space = KeySpace.of(self.prefix, org)
         user_id = None if user is None else encode_id(user)
-        period = self.now()[0]
+        period, _, now_ms = self.now()
         window = period.window(self.history_months)
         strings: list[str] = []
         histories: list[str] = []
@@ -422,11 +476,11 @@ class Engine:
         personal = list(self.catalog.personal()) if user_id is not None else []
         strings += (space.personal(user_id or "", m.name, period.key) for m in personal)
         budgets = [budget_field(user_id or "", m.name) for m in personal]
-        keys = [space.org, space.budgets, *strings, *histories]
+        keys = [space.org, space.budgets, space.reservations, space.held, *strings, *histories]
         return Call(
             "read",
             keys,
-            [len(strings), *budgets],
+            [now_ms, len(strings), *budgets],
             lambda reply: (self._usage(org, user, period, window, personal, strings, reply), ()),
         )
 
@@ -472,7 +526,7 @@ class Engine:
                     for i in range(0, len(others), 6)
                 ),
             )
-        return decision, _events(org, period, reply, 9)
+        return decision, self._events(org, period, period, reply, 9)
 
     def _make_decision(
         self,
@@ -502,8 +556,27 @@ class Engine:
             requested,
         )
 
-    def _adjusted(self, org: str, period: Period, reply: Any) -> tuple[bool, Events]:
-        return reply[0] == 1, _events(org, period, reply, 1)
+    def _adjusted(
+        self, org: str, period: Period, counted: Period, reply: Any
+    ) -> tuple[bool, Events]:
+        return reply[0] == 1, self._events(org, period, counted, reply, 1)
+
+    def _events(self, org: str, period: Period, counted: Period, reply: Any, start: int) -> Events:
+        """The (name, threshold, used, limit) quadruples a script appended to its reply: a
+        monthly meter's in the period it was counted in, a cumulative one's now."""
+        if len(reply) <= start:
+            return ()
+        return tuple(
+            ThresholdEvent(
+                org,
+                reply[i],
+                reply[i + 1],
+                reply[i + 2],
+                reply[i + 3],
+                (counted if self.catalog[reply[i]].monthly else period).key,
+            )
+            for i in range(start, len(reply), 4)
+        )
 
     def _warn_plan(self, org: str, plan: str) -> None:
         if (org, plan) not in self._warned_plans:
@@ -579,14 +652,13 @@ def _none(reply: Any) -> tuple[None, Events]:
     return None, ()
 
 
-def _events(org: str, period: Period, reply: Any, start: int) -> Events:
-    """The (name, threshold, used, limit) quadruples a script appended to its reply."""
-    if len(reply) <= start:
-        return ()
-    return tuple(
-        ThresholdEvent(org, reply[i], reply[i + 1], reply[i + 2], reply[i + 3], period.key)
-        for i in range(start, len(reply), 4)
-    )
+def check_reservation_ttl(ttl: object, name: str) -> float:
+    """How long a reservation holds its estimate (seconds), validated."""
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+        raise InvalidUsage(f"{name} must be a number of seconds, not {type(ttl).__name__}")
+    if not 0 < ttl <= MAX_RESERVATION_TTL:  # NaN included
+        raise InvalidUsage(f"{name} must be above 0 and at most 31 days ({ttl!r} seconds)")
+    return float(ttl)
 
 
 def _counts(keys: Sequence[str], values: Sequence[str | None]) -> list[int]:

@@ -92,9 +92,15 @@ class AsyncUsageGuard:
         return await self._run(self.engine.consume(org, metric, amount, user=user, check=True))
 
     async def reserve(
-        self, org: str, metric: str | Amounts, amount: int = 1, *, user: str | None = None
+        self,
+        org: str,
+        metric: str | Amounts,
+        amount: int = 1,
+        *,
+        user: str | None = None,
+        ttl: float | None = None,
     ) -> AsyncReservation:
-        call, ticket = self.engine.reserve(org, metric, amount, user=user)
+        call, ticket = self.engine.reserve(org, metric, amount, user=user, ttl=ttl)
         return AsyncReservation(self, await self._run(call), ticket)
 
     async def release(self, org: str, metric: str | Amounts, amount: int = 1) -> None:
@@ -182,7 +188,7 @@ class AsyncReservation(ReservationBase):
     """The asyncio form of :class:`~usage_guard.guard.Reservation`."""
 
     def __init__(self, guard: AsyncUsageGuard, decision: Decision, ticket: Ticket) -> None:
-        super().__init__(decision, ticket)
+        super().__init__(decision, ticket, guard.engine)
         self.guard = guard
 
     async def settle(self, actual: int | Amounts) -> bool:
@@ -201,7 +207,7 @@ class AsyncReservation(ReservationBase):
 
     async def __aexit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
         """An exception in the block cancels the reservation; a failed cancel never hides it."""
-        if error is not None and self.open:
+        if error is not None:
             try:
                 await self.cancel()
             except Exception as failed:

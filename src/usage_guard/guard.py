@@ -65,6 +65,7 @@ class UsageGuard:
         on_backend_error: BackendErrorPolicy | Mapping[str, BackendErrorPolicy] = "allow",
         timeout: float = 1.0,
         max_connections: int = 100,
+        reservation_ttl: float = 900,
     ) -> UsageGuard:
         """A guard on ``memory://[NAME]``, ``redis://``, ``rediss://``, ``unix://`` or
         ``redis+cluster://h1:7000,h2:7001`` (``client=redis-py`` in a ``redis://`` URL:
@@ -76,6 +77,8 @@ class UsageGuard:
         ``"deny"``, or a mapping of metric to either (unlisted metrics allow).
         ``max_connections`` caps the async calls in flight through redis-py's clients
         and ``memory://`` (the lean client multiplexes one connection per event loop).
+        ``reservation_ttl`` (seconds, default 15 minutes) is how long a reservation
+        holds its estimate unless ``reserve(..., ttl=)`` says otherwise.
         A URL the client cannot use raises :class:`InvalidUsage` here.
         """
         engine = Engine(
@@ -86,6 +89,7 @@ class UsageGuard:
             prefix=prefix,
             history_months=history_months,
             on_backend_error=on_backend_error,
+            reservation_ttl=reservation_ttl,
         )
         return cls(engine, Backend(url, timeout=timeout, max_connections=max_connections))
 
@@ -140,10 +144,17 @@ class UsageGuard:
         return self._run(self.engine.consume(org, metric, amount, user=user, check=True))
 
     def reserve(
-        self, org: str, metric: str | Amounts, amount: int = 1, *, user: str | None = None
+        self,
+        org: str,
+        metric: str | Amounts,
+        amount: int = 1,
+        *,
+        user: str | None = None,
+        ttl: float | None = None,
     ) -> Reservation:
-        """Count an estimate now; ``settle(actual)`` or ``cancel()`` it later."""
-        call, ticket = self.engine.reserve(org, metric, amount, user=user)
+        """Count an estimate now; ``settle(actual)`` or ``cancel()`` it within ``ttl``
+        seconds (default: the guard's ``reservation_ttl``), after which it is refunded."""
+        call, ticket = self.engine.reserve(org, metric, amount, user=user, ttl=ttl)
         decision = self._run(call)
         return Reservation(self, decision, ticket)
 
@@ -260,7 +271,7 @@ class Reservation(ReservationBase):
     """
 
     def __init__(self, guard: UsageGuard, decision: Decision, ticket: Ticket) -> None:
-        super().__init__(decision, ticket)
+        super().__init__(decision, ticket, guard.engine)
         self.guard = guard
 
     def settle(self, actual: int | Amounts) -> bool:
@@ -282,7 +293,7 @@ class Reservation(ReservationBase):
 
     def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
         """An exception in the block cancels the reservation; a failed cancel never hides it."""
-        if error is not None and self.open:
+        if error is not None:
             try:
                 self.cancel()
             except Exception as failed:

@@ -11,7 +11,10 @@ call reads and writes them atomically, on Redis Cluster too::
     ug:{acme}:h:<metric>                   hash <YYYY-MM> -> last value of a cumulative metric
     ug:{acme}:t:<YYYY-MM>                  hash <metric> -> highest threshold event emitted
     ug:{acme}:idem:<key>                   an admitted idempotent consumption (24 h)
-    ug:{acme}:r:<id>                       an open reservation
+    ug:{acme}:reservations                 sorted set  open reservations by deadline (ms)
+    ug:{acme}:held                         hash  <counter key without ug:{acme}:> -> estimates
+                                                 held by open reservations
+    ug:{acme}:r:<id>                       a reservation, until settled or cancelled
 
 Ids made of ASCII letters, digits and ``_ . - @`` appear unchanged; every
 other byte of their UTF-8 form is percent-encoded (``%7B`` for ``{``), so no id
@@ -62,12 +65,14 @@ def decode_id(encoded: str) -> str:
 class KeySpace:
     """Builds the keys of one organization under a prefix (``ug`` by default)."""
 
-    __slots__ = ("base", "budgets", "org")
+    __slots__ = ("base", "budgets", "held", "org", "reservations")
 
     def __init__(self, prefix: str, org: str) -> None:
         self.base = f"{prefix}:{{{encode_id(org)}}}:"
         self.org = self.base + "org"
         self.budgets = self.base + "budgets"
+        self.reservations = self.base + "reservations"
+        self.held = self.base + "held"
 
     @staticmethod
     def of(prefix: str, org: str) -> KeySpace:

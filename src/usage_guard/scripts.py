@@ -1,6 +1,7 @@
 """The package's Lua scripts, read once from ``usage_guard/lua`` with their SHA1 digests.
 
-``_lib.lua`` holds what ``consume`` and ``adjust`` share; it is prepended to both.
+``_reservations.lua`` (the sweep of expired reservations) is prepended to every
+script, then ``_lib.lua``, what ``consume`` and ``adjust`` share, to those two.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ SCRIPTS = ("consume", "adjust", "read", "admin")
 
 def _load_scripts() -> dict[str, str]:
     lua = resources.files("usage_guard") / "lua"
+    sweep = (lua / "_reservations.lua").read_text()
     shared = (lua / "_lib.lua").read_text()
     sources = {}
     for name in SCRIPTS:
         body = (lua / f"{name}.lua").read_text()
-        sources[name] = shared + body if name in ("consume", "adjust") else body
+        sources[name] = sweep + (shared if name in ("consume", "adjust") else "") + body
     return sources
 
 

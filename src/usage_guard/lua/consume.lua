@@ -1,6 +1,7 @@
 -- consume / idempotent / check / reserve (MODE): check every metric, then count all or none.
 -- FLAGS 'i': KEYS[EXTRA_KEY] remembers an admitted consumption for 24 h (idempotency);
--- FLAGS 'r': KEYS[EXTRA_KEY] records the reservation's estimates.
+-- FLAGS 'r': the estimates are held, not counted, until the reservation's deadline
+-- (ARGV[7]); KEYS[EXTRA_KEY] records them until it is settled or cancelled.
 -- Reply: {admitted (1/0), metric, scope, used, limit (-1: none), quota (-1: none),
 --         assigned plan that is not configured ('' if none), the amount asked of that
 --         metric, (admitted) {name, scope, used, limit, quota, amount of each other
@@ -11,15 +12,49 @@ local function fits(used, amount, quota)
   return used <= quota and amount <= quota - used
 end
 
+-- Hold an admitted reservation's estimates until its deadline (see _reservations.lua);
+-- its record keeps the entry until it is settled or cancelled.
+local function hold(metrics, record)
+  local entry = {held_field(record, KEYS[1])}
+  for _, m in ipairs(metrics) do
+    if m.amount > 0 then
+      for _, key in ipairs(m.personal and {m.key, m.other} or {m.key}) do
+        local field = held_field(key, KEYS[1])
+        redis.call('HINCRBY', HELD, field, m.amount)
+        entry[#entry + 1] = field .. '=' .. string.format('%d', m.amount)
+      end
+    end
+  end
+  entry = table.concat(entry, '\t')
+  local deadline = tonumber(ARGV[7])
+  local keep = math.max(TTL, math.ceil((deadline - tonumber(ARGV[6])) / 1000))
+  redis.call('ZADD', RESERVATIONS, deadline, entry)
+  local due = redis.call('HGET', KEYS[1], DUE)
+  if not due or deadline < tonumber(due) then
+    redis.call('HSET', KEYS[1], DUE, ARGV[7])
+  end
+  redis.call('SET', record, entry, 'EX', keep)
+  -- The two keys expire together (an estimate held with no entry left to release it
+  -- would count for ever), after the last deadline and with the period's counters.
+  local index_ttl, held_ttl = redis.call('TTL', RESERVATIONS), redis.call('TTL', HELD)
+  if index_ttl ~= held_ttl or index_ttl < keep then
+    keep = math.max(keep, index_ttl, held_ttl)
+    redis.call('EXPIRE', RESERVATIONS, keep)
+    redis.call('EXPIRE', HELD, keep)
+  end
+end
+
 local extra = KEYS[EXTRA_KEY]
+local metrics, unknown_plan, due = load_metrics()
+if sweep(RESERVATIONS, HELD, ARGV[6], due) then
+  load_held(metrics)
+end
 if FLAGS == 'i' then
   local stored = redis.call('GET', extra)
   if stored then
     return {2, stored}
   end
 end
-
-local metrics, unknown_plan = load_metrics()
 local budgets, personal = {}, false
 for _, m in ipairs(metrics) do
   personal = personal or m.personal
@@ -34,24 +69,27 @@ end
 
 -- Counting comes first and checking after: the reply of INCRBY is the read, so an
 -- admitted call costs no GET. A denial takes back what this call counted (a script runs
--- alone, so nobody sees the difference). 'check' and amounts of 0 only read.
-local counting = MODE ~= 'check'
+-- alone, so nobody sees the difference). 'check', 'reserve' (a reservation holds its
+-- estimate apart, see _reservations.lua) and amounts of 0 only read.
+local counting = MODE ~= 'check' and MODE ~= 'reserve'
 
--- Undo the counts of metrics 1..upto; returns metric upto's org and own values as they were.
+-- Undo the counts of metrics 1..upto; returns metric upto's org and own usage as they were.
 local function take_back(upto)
   local used, own
   for i = 1, upto do
     local m = metrics[i]
     if m.counted then
-      used = redis.call('DECRBY', m.key, m.amount)
-      if used == 0 then
+      local count = redis.call('DECRBY', m.key, m.amount)
+      if count == 0 then
         redis.call('DEL', m.key)  -- it was made by this call: no key stays without its TTL
       end
+      used = count + m.held
       if m.personal then
-        own = redis.call('DECRBY', m.other, m.amount)
-        if own == 0 then
+        local mine = redis.call('DECRBY', m.other, m.amount)
+        if mine == 0 then
           redis.call('DEL', m.other)
         end
+        own = mine + m.held_own
       end
     else
       used, own = m.used, m.own
@@ -61,39 +99,41 @@ local function take_back(upto)
 end
 
 -- The personal budget is checked before the org limit: it names the scope of a denial.
--- used / own: the values before this call (after it when counted and admitted).
+-- m.used / m.own: usage, what is held included (the counter is m.used - m.held);
+-- used / own: usage before this call (m.used / m.own after it when counted and admitted).
 for i, m in ipairs(metrics) do
   local used, own
   if counting and m.amount > 0 then
-    local failure
-    m.used, failure = incr(m.key, m.amount)
-    if not m.used then
+    local count, failure = incr(m.key, m.amount)
+    if not count then
       take_back(i - 1)
       return failed(m.key, failure)
     end
-    m.counted = true
+    m.counted, m.used = true, count + m.held
     used = m.used - m.amount
     if m.personal then
-      m.own, failure = incr(m.other, m.amount)
-      if not m.own then
+      count, failure = incr(m.other, m.amount)
+      if not count then
         m.personal = false  -- only its org counter to take back
         take_back(i)
         return failed(m.other, failure)
       end
+      m.own = count + m.held_own
       own = m.own - m.amount
     end
   else
-    local failure, key
-    m.used, failure = read(m.key)
-    key, m.own = m.key, 0
-    if m.used and m.personal then
-      m.own, failure = read(m.other)
+    local count, mine, failure = nil, 0, nil
+    count, failure = read(m.key)
+    local key = m.key
+    if count and m.personal then
+      mine, failure = read(m.other)
       key = m.other
     end
-    if not (m.used and m.own) then
+    if not (count and mine) then
       take_back(i - 1)
       return failed(key, failure)
     end
+    m.used, m.own = count + m.held, mine + m.held_own
     used, own = m.used, m.own
   end
   if m.personal then
@@ -114,18 +154,19 @@ end
 for _, m in ipairs(metrics) do
   if m.counted then
     if m.monthly then
-      expire_if_new(m.key, m.used, m.amount)
+      expire_if_new(m.key, m.used - m.held, m.amount)
     end
     if m.personal then
-      expire_if_new(m.other, m.own, m.amount)
+      expire_if_new(m.other, m.own - m.held_own, m.amount)
     end
     if not m.monthly then
-      remember(m.other, m.used, m.keep)
+      remember(m.other, m.used - m.held, m.keep)
     end
   end
 end
 
--- 'check' answers what 'consume' would have: usage with the amount in it.
+-- 'check' answers what 'consume' would have, 'reserve' what it holds: usage with the
+-- amount in it.
 if not counting then
   for _, m in ipairs(metrics) do
     m.used = m.used + m.amount
@@ -162,13 +203,7 @@ if FLAGS == 'i' then
   redis.call('SET', extra, string.format('%s\t%s\t%d\t%d\t%d\t%s\t%d', first.name,
     scope, used, limit, quota, PERIOD, first.amount), 'EX', 86400)
 elseif FLAGS == 'r' then
-  local fields = {'period', PERIOD, 'user', USER}
-  for _, m in ipairs(metrics) do
-    fields[#fields + 1] = m.name
-    fields[#fields + 1] = m.amount
-  end
-  redis.call('HSET', extra, unpack(fields))
-  redis.call('EXPIRE', extra, TTL)
+  hold(metrics, extra)
 end
 for _, m in ipairs(metrics) do
   if m.amount > 0 then

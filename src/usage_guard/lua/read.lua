@@ -1,17 +1,41 @@
--- The raw data behind an org's usage in one call.
--- KEYS[1] org hash, KEYS[2] budgets hash, then ARGV[1] string keys (counters, gauges),
--- then history hashes; ARGV[2..] the budget fields wanted.
--- Reply: {HGETALL org, budgets (HMGET), values (MGET), {HGETALL of each history hash}}.
+-- The raw data behind an org's usage in one call (after sweeping expired reservations).
+-- KEYS[1] org hash, KEYS[2] budgets hash, KEYS[3] open reservations, KEYS[4] held
+-- estimates, then string keys (counters, gauges), then history hashes;
+-- ARGV[1] now (ms, by the guard's clock), ARGV[2] the number of string keys,
+-- ARGV[3..] the budget fields wanted.
+-- Reply: {HGETALL org, budgets (HMGET), values (MGET, plus what open reservations hold
+--         against each counter), {HGETALL of each history hash}}.
 
-local strings = tonumber(ARGV[1])
+local strings = tonumber(ARGV[2])
+local org = redis.call('HGETALL', KEYS[1])
+local due = false
+for i = 1, #org, 2 do
+  if org[i] == DUE then
+    due = org[i + 1]
+  end
+end
+local open = sweep(KEYS[3], KEYS[4], ARGV[1], due)
 local values, budgets, histories = {}, {}, {}
 if strings > 0 then
-  values = redis.call('MGET', unpack(KEYS, 3, 2 + strings))
+  values = redis.call('MGET', unpack(KEYS, 5, 4 + strings))
+  if open then
+    local fields = {}
+    for i = 1, strings do
+      fields[i] = held_field(KEYS[4 + i], KEYS[1])
+    end
+    local held = redis.call('HMGET', KEYS[4], unpack(fields))
+    for i = 1, strings do
+      local count = tonumber(values[i] or '0')
+      if held[i] and count then  -- a value that is no count is left for the client to name
+        values[i] = string.format('%d', count + tonumber(held[i]))
+      end
+    end
+  end
 end
-if #ARGV > 1 then
-  budgets = redis.call('HMGET', KEYS[2], unpack(ARGV, 2))
+if #ARGV > 2 then
+  budgets = redis.call('HMGET', KEYS[2], unpack(ARGV, 3))
 end
-for i = 3 + strings, #KEYS do
+for i = 5 + strings, #KEYS do
   histories[#histories + 1] = redis.call('HGETALL', KEYS[i])
 end
-return {redis.call('HGETALL', KEYS[1]), budgets, values, histories}
+return {org, budgets, values, histories}
