@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from ._core import (
     Amounts,
@@ -25,8 +25,13 @@ from .storage import AsyncScriptRunner, Backend
 from .usage import Usage
 
 if TYPE_CHECKING:
-    from .fastapi import Requirement
-    from .guard import UsageGuard
+    from collections.abc import Callable
+
+    from typing_extensions import Unpack
+
+    from .decorator import Amount, Cost, P, R
+    from .guard import GuardOptions, UsageGuard
+    from .requirement import Requirement
 
 T = TypeVar("T")
 logger = logging.getLogger("usage_guard")
@@ -45,7 +50,8 @@ class AsyncUsageGuard:
         self.sync = sync
 
     @classmethod
-    def from_url(cls, url: str = "memory://", **options: Any) -> AsyncUsageGuard:
+    def from_url(cls, url: str = "memory://", **options: Unpack[GuardOptions]) -> AsyncUsageGuard:
+        """``UsageGuard.from_url(url, **options).aio``: the same options."""
         from .guard import UsageGuard
 
         return UsageGuard.from_url(url, **options).aio
@@ -73,6 +79,25 @@ class AsyncUsageGuard:
             self.engine.events.publish(events)
         return result
 
+    @overload
+    async def consume(
+        self,
+        org: str,
+        metric: str,
+        amount: int = 1,
+        *,
+        user: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Decision: ...
+    @overload
+    async def consume(
+        self,
+        org: str,
+        metric: Amounts,
+        *,
+        user: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Decision: ...
     async def consume(
         self,
         org: str,
@@ -82,15 +107,38 @@ class AsyncUsageGuard:
         user: str | None = None,
         idempotency_key: str | None = None,
     ) -> Decision:
+        """Count ``amount`` of ``metric`` (or every amount of a mapping, all or nothing)
+        if it fits the org limit and the user's personal budget."""
         return await self._run(
             self.engine.consume(org, metric, amount, user=user, idempotency_key=idempotency_key)
         )
 
+    @overload
+    async def check(
+        self, org: str, metric: str, amount: int = 1, *, user: str | None = None
+    ) -> Decision: ...
+    @overload
+    async def check(self, org: str, metric: Amounts, *, user: str | None = None) -> Decision: ...
     async def check(
         self, org: str, metric: str | Amounts, amount: int = 1, *, user: str | None = None
     ) -> Decision:
+        """The decision ``consume`` would take, counting nothing."""
         return await self._run(self.engine.consume(org, metric, amount, user=user, check=True))
 
+    @overload
+    async def reserve(
+        self,
+        org: str,
+        metric: str,
+        amount: int = 1,
+        *,
+        user: str | None = None,
+        ttl: float | None = None,
+    ) -> AsyncReservation: ...
+    @overload
+    async def reserve(
+        self, org: str, metric: Amounts, *, user: str | None = None, ttl: float | None = None
+    ) -> AsyncReservation: ...
     async def reserve(
         self,
         org: str,
@@ -100,25 +148,37 @@ class AsyncUsageGuard:
         user: str | None = None,
         ttl: float | None = None,
     ) -> AsyncReservation:
+        """Hold an estimate now; ``settle(actual)`` or ``cancel()`` it within ``ttl``
+        seconds (default: the guard's ``reservation_ttl``), after which it is refunded."""
         call, ticket = self.engine.reserve(org, metric, amount, user=user, ttl=ttl)
         return AsyncReservation(self, await self._run(call), ticket)
 
+    @overload
+    async def release(self, org: str, metric: str, amount: int = 1) -> None: ...
+    @overload
+    async def release(self, org: str, metric: Amounts) -> None: ...
     async def release(self, org: str, metric: str | Amounts, amount: int = 1) -> None:
+        """Lower a cumulative metric (never below 0); unchecked."""
         await self._run(self.engine.adjust(org, metric, amount, "release"))
 
     async def set_usage(self, org: str, metric: str, value: int) -> None:
+        """Reconcile a cumulative metric to ``value``; unchecked."""
         await self._run(self.engine.adjust(org, metric, value, "set"))
 
     async def assign_plan(self, org: str, plan: str | None) -> None:
+        """Put an org on a configured plan (``None``: the default plan); clears its overrides."""
         await self._run(self.engine.assign_plan(org, plan))
 
     async def set_limit(self, org: str, metric: str, limit: int | None) -> None:
+        """Override one limit for one org (``None``: unlimited)."""
         await self._run(self.engine.set_limit(org, metric, limit))
 
     async def remove_limit(self, org: str, metric: str) -> None:
+        """Drop an override: the org's plan decides again."""
         await self._run(self.engine.remove_limit(org, metric))
 
     async def set_budget(self, org: str, user: str, metric: str, budget: int | None) -> None:
+        """A user's monthly personal budget of a personal metric (``None`` removes it)."""
         await self._run(self.engine.set_budget(org, user, metric, budget))
 
     def on_threshold(self, listener: Listener) -> Listener:
@@ -126,17 +186,20 @@ class AsyncUsageGuard:
         self.engine.listeners.append(listener)
         return listener
 
-    def metered(self, metric: str, amount: Any = 1, *, cost: Any = None) -> Any:
-        """``@guard.metered("emails")``: :func:`usage_guard.metered` on this guard."""
+    def metered(
+        self, metric: str, amount: Amount = 1, *, cost: Cost | None = None
+    ) -> Callable[[Callable[P, R]], Callable[P, R]]:
+        """``@guard.metered("emails")``: :func:`usage_guard.metered` on this guard; the
+        decorated function keeps its signature."""
         from .decorator import metered
 
         return metered(metric, amount, cost=cost, guard=self)
 
     def require(self, metric: str, amount: int = 1) -> Requirement:
         """FastAPI: ``Depends(guard.require("ai_tokens", 1))`` meters the route."""
-        from .fastapi import require
+        from .requirement import Requirement
 
-        return require(metric, amount, guard=self)
+        return Requirement(metric, amount, guard=self)
 
     async def ping(self) -> Health:
         """The async :meth:`UsageGuard.ping <usage_guard.UsageGuard.ping>`."""
@@ -151,9 +214,11 @@ class AsyncUsageGuard:
         return assess(self.backend.url, replies)
 
     async def usage(self, org: str, user: str | None = None) -> Usage:
+        """Every meter of an org (and a user's personal meters), with history: one round trip."""
         return await self._run(self.engine.usage(org, user))
 
     async def report(self, org: str, user: str | None = None) -> Report:
+        """The Usage page's data (``.to_dict()`` is its JSON): one round trip."""
         return Report.from_usage(await self.usage(org, user), self.catalog)
 
     async def _refund(

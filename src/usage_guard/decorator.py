@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
 import wrapt
 
@@ -20,14 +20,17 @@ from .guard import UsageGuard
 from .plans import check_value
 from .subject import Subject
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
+#: Units per call: an int, or a callable given the call's own arguments (without ``self``).
 Amount = int | Callable[..., int]
+#: The real units of a call, from its result (an async function's awaited result).
 Cost = Callable[[Any], int]
 
 
 def metered(
     metric: str, amount: Amount = 1, *, cost: Cost | None = None, guard: AnyGuard | None = None
-) -> Callable[[F], F]:
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Count ``amount`` of ``metric`` for the current subject before each call.
 
     ``amount`` is an int or a callable given the call's own arguments (without
@@ -98,9 +101,9 @@ def metered(
         await reservation.settle(actual)
         return result
 
-    def decorate(func: F) -> F:
+    def decorate(func: Callable[P, R]) -> Callable[P, R]:
         wrapper = async_wrapper if inspect.iscoroutinefunction(func) else sync_wrapper
-        return cast(F, wrapt.FunctionWrapper(func, wrapper))
+        return cast(Callable[P, R], wrapt.FunctionWrapper(func, wrapper))
 
     return decorate
 

@@ -22,11 +22,12 @@ from starlette.responses import Response
 
 from .aio import AsyncUsageGuard
 from .asgi import Identify, UsageGuardMiddleware
-from .context import AnyGuard, current_guard, current_subject
-from .decision import Decision
-from .errors import InvalidUsage, NotBound, Unidentified, UsageLimitExceeded
-from .plans import check_value
+from .context import AnyGuard
+from .errors import InvalidUsage, Unidentified, UsageLimitExceeded
 from .problem import PROBLEM_JSON, QUOTA_EXCEEDED, answer
+from .requirement import Requirement, require
+
+__all__ = ["QUOTA_RESPONSE", "Requirement", "install", "require"]
 
 #: The OpenAPI description of the 429 the dependency can answer.
 QUOTA_RESPONSE: dict[str, Any] = {
@@ -57,34 +58,6 @@ QUOTA_RESPONSE: dict[str, Any] = {
         }
     },
 }
-
-
-class Requirement:
-    """A FastAPI dependency consuming ``amount`` of ``metric`` for the current subject."""
-
-    def __init__(self, metric: str, amount: int = 1, *, guard: AnyGuard | None = None) -> None:
-        if guard is not None:
-            guard.catalog[metric]
-        check_value(amount)
-        self.metric = metric
-        self.amount = amount
-        self.guard = guard
-
-    async def __call__(self, request: Request) -> Decision:
-        guard = self.guard if self.guard is not None else current_guard()
-        who = current_subject()
-        if guard is None:
-            raise NotBound("require() needs guard= or UsageGuardMiddleware (see install())")
-        if who is None:
-            raise Unidentified("this route needs an identified organization")
-        aguard = guard if isinstance(guard, AsyncUsageGuard) else guard.aio
-        decision = await aguard.consume(who.org, self.metric, self.amount, user=who.user)
-        return decision.raise_for_status()
-
-
-def require(metric: str, amount: int = 1, *, guard: AnyGuard | None = None) -> Requirement:
-    """``Depends(require("ai_tokens", 1))``: meter the route; a denial answers the 429."""
-    return Requirement(metric, amount, guard=guard)
 
 
 def install(app: FastAPI, *, guard: AnyGuard, identify: Identify, **options: Any) -> None:

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, overload
 
 from ._core import (
     Amounts,
@@ -30,11 +30,29 @@ from .storage import Backend, ScriptRunner
 from .usage import Usage
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .aio import AsyncUsageGuard
-    from .fastapi import Requirement
+    from .decorator import Amount, Cost, P, R
+    from .requirement import Requirement
 
 T = TypeVar("T")
 logger = logging.getLogger("usage_guard")
+
+
+class GuardOptions(TypedDict, total=False):
+    """The keyword options of :meth:`UsageGuard.from_url` (and of the async twin's)."""
+
+    plans: Mapping[str, Plan] | None
+    default_plan: str | None
+    catalog: Catalog
+    clock: Clock | None
+    prefix: str
+    history_months: int
+    on_backend_error: BackendErrorPolicy | Mapping[str, BackendErrorPolicy]
+    timeout: float
+    max_connections: int
+    reservation_ttl: float
 
 
 class UsageGuard:
@@ -122,6 +140,25 @@ class UsageGuard:
 
     # -- metering ---------------------------------------------------------------------
 
+    @overload
+    def consume(
+        self,
+        org: str,
+        metric: str,
+        amount: int = 1,
+        *,
+        user: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Decision: ...
+    @overload
+    def consume(
+        self,
+        org: str,
+        metric: Amounts,
+        *,
+        user: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Decision: ...
     def consume(
         self,
         org: str,
@@ -137,12 +174,32 @@ class UsageGuard:
             self.engine.consume(org, metric, amount, user=user, idempotency_key=idempotency_key)
         )
 
+    @overload
+    def check(
+        self, org: str, metric: str, amount: int = 1, *, user: str | None = None
+    ) -> Decision: ...
+    @overload
+    def check(self, org: str, metric: Amounts, *, user: str | None = None) -> Decision: ...
     def check(
         self, org: str, metric: str | Amounts, amount: int = 1, *, user: str | None = None
     ) -> Decision:
         """The decision ``consume`` would take, counting nothing."""
         return self._run(self.engine.consume(org, metric, amount, user=user, check=True))
 
+    @overload
+    def reserve(
+        self,
+        org: str,
+        metric: str,
+        amount: int = 1,
+        *,
+        user: str | None = None,
+        ttl: float | None = None,
+    ) -> Reservation: ...
+    @overload
+    def reserve(
+        self, org: str, metric: Amounts, *, user: str | None = None, ttl: float | None = None
+    ) -> Reservation: ...
     def reserve(
         self,
         org: str,
@@ -158,6 +215,10 @@ class UsageGuard:
         decision = self._run(call)
         return Reservation(self, decision, ticket)
 
+    @overload
+    def release(self, org: str, metric: str, amount: int = 1) -> None: ...
+    @overload
+    def release(self, org: str, metric: Amounts) -> None: ...
     def release(self, org: str, metric: str | Amounts, amount: int = 1) -> None:
         """Lower a cumulative metric (never below 0); unchecked."""
         self._run(self.engine.adjust(org, metric, amount, "release"))
@@ -192,17 +253,20 @@ class UsageGuard:
         self.engine.listeners.append(listener)
         return listener
 
-    def metered(self, metric: str, amount: Any = 1, *, cost: Any = None) -> Any:
-        """``@guard.metered("emails")``: :func:`usage_guard.metered` on this guard."""
+    def metered(
+        self, metric: str, amount: Amount = 1, *, cost: Cost | None = None
+    ) -> Callable[[Callable[P, R]], Callable[P, R]]:
+        """``@guard.metered("emails")``: :func:`usage_guard.metered` on this guard; the
+        decorated function keeps its signature."""
         from .decorator import metered
 
         return metered(metric, amount, cost=cost, guard=self)
 
     def require(self, metric: str, amount: int = 1) -> Requirement:
         """FastAPI: ``Depends(guard.require("ai_tokens", 1))`` meters the route."""
-        from .fastapi import require
+        from .requirement import Requirement
 
-        return require(metric, amount, guard=self)
+        return Requirement(metric, amount, guard=self)
 
     def ping(self) -> Health:
         """Connect, authenticate and load the scripts; report what could lose counters.
