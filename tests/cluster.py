@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +79,9 @@ class Cluster:
         return [node for node in self._alive() if self._role(node) == "master"]
 
     def replicas_of(self, master: RedisProcess) -> list[RedisProcess]:
-        master_id = self.client(master).execute_command("CLUSTER MYID")
+        master_id = self._command(master, "CLUSTER MYID")
         # redis-py parses CLUSTER REPLICAS into {"host:port": {...}}.
-        replicas = self.client(master).execute_command("CLUSTER REPLICAS", master_id)
+        replicas = self._command(master, "CLUSTER REPLICAS", master_id)
         return [self._node(int(address.rsplit(":", 1)[1])) for address in replicas]
 
     # -- faults ---------------------------------------------------------------------
@@ -113,18 +114,19 @@ class Cluster:
         source = self.master_of(slot)
         if source is to:
             return
-        src, dst = self.client(source), self.client(to)
-        src_id = src.execute_command("CLUSTER MYID")
-        dst_id = dst.execute_command("CLUSTER MYID")
-        dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
-        src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+        src_id = self._command(source, "CLUSTER MYID")
+        dst_id = self._command(to, "CLUSTER MYID")
+        self._command(to, "CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+        self._command(source, "CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
         auth = ("AUTH", self.password) if self.password else ()
-        while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, batch):
-            src.execute_command("MIGRATE", "127.0.0.1", to.port, "", 0, 5000, *auth, "KEYS", *keys)
+        while keys := self._command(source, "CLUSTER GETKEYSINSLOT", slot, batch):
+            self._command(
+                source, "MIGRATE", "127.0.0.1", to.port, "", 0, 5000, *auth, "KEYS", *keys
+            )
         time.sleep(hold)
         # The target first, so the slot is never left without an owner that knows it.
         for node in [to, source, *(m for m in self.masters() if m not in (to, source))]:
-            self.client(node).execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+            self._command(node, "CLUSTER SETSLOT", slot, "NODE", dst_id)
         wait_for(
             lambda: all(self._owner_seen_by(node, slot) == to.port for node in self._alive()),
             what=f"every node to see slot {slot} on {to.port}",
@@ -141,35 +143,40 @@ class Cluster:
 
     # -- internals ------------------------------------------------------------------
 
+    def _command(self, node: RedisProcess, *args: Any) -> Any:
+        """``execute_command`` on ``node`` (redis-py leaves it untyped)."""
+        return self.client(node).execute_command(*args)  # type: ignore[no-untyped-call]
+
     def _bootstrap(self, masters: int) -> None:
         primaries = self.nodes[:masters]
         per = SLOTS // masters
         for i, node in enumerate(primaries):
             high = SLOTS - 1 if i == masters - 1 else (i + 1) * per - 1
-            self.client(node).execute_command("CLUSTER ADDSLOTSRANGE", i * per, high)
-            self.client(node).execute_command("CLUSTER SET-CONFIG-EPOCH", i + 1)
+            self._command(node, "CLUSTER ADDSLOTSRANGE", i * per, high)
+            self._command(node, "CLUSTER SET-CONFIG-EPOCH", i + 1)
         for node in self.nodes[1:]:
-            self.client(self.nodes[0]).execute_command("CLUSTER MEET", "127.0.0.1", node.port)
+            self._command(self.nodes[0], "CLUSTER MEET", "127.0.0.1", node.port)
         total = len(self.nodes)
         for node in self.nodes:
-            wait_for(
-                lambda n=node: int(self._info(n)["cluster_known_nodes"]) == total,
-                what="every node to know every other",
-            )
+            wait_for(partial(self._knows, node, total), what="every node to know every other")
         for i, node in enumerate(self.nodes[masters:]):
-            master_id = self.client(primaries[i % masters]).execute_command("CLUSTER MYID")
-            self.client(node).execute_command("CLUSTER REPLICATE", master_id)
+            master_id = self._command(primaries[i % masters], "CLUSTER MYID")
+            self._command(node, "CLUSTER REPLICATE", master_id)
         for node in self.nodes:
             wait_for(
-                lambda n=node: self._settled(n, total - masters), timeout=30, what="cluster ready"
+                partial(self._settled, node, total - masters), timeout=30, what="cluster ready"
             )
+
+    def _knows(self, node: RedisProcess, nodes: int) -> bool:
+        """``node`` knows all ``nodes`` (itself included)."""
+        return int(self._info(node)["cluster_known_nodes"]) == nodes
 
     def _settled(self, node: RedisProcess, replicas: int) -> bool:
         """``node`` is ``ok``, sees all ``replicas`` and, if a replica, is in sync."""
         if self._info(node)["cluster_state"] != "ok":
             return False
         # redis-py parses CLUSTER NODES into {"host:port": {"flags": ..., ...}}.
-        known = self.client(node).execute_command("CLUSTER NODES").values()
+        known = self._command(node, "CLUSTER NODES").values()
         if sum("slave" in peer["flags"] for peer in known) != replicas:
             return False
         info = self.client(node).info("replication")
@@ -187,15 +194,15 @@ class Cluster:
         raise TimeoutError("no replica was promoted")
 
     def _role(self, node: RedisProcess) -> str:
-        return str(self.client(node).execute_command("ROLE")[0])
+        return str(self._command(node, "ROLE")[0])
 
     def _info(self, node: RedisProcess) -> dict[str, Any]:
         # redis-py parses CLUSTER INFO into a dict.
-        return dict(self.client(node).execute_command("CLUSTER INFO"))
+        return dict(self._command(node, "CLUSTER INFO"))
 
     def _owner_seen_by(self, node: RedisProcess, slot: int) -> int:
         """The port of the master serving ``slot``, as ``node`` sees it."""
-        for low, high, master, *_ in self.client(node).execute_command("CLUSTER SLOTS"):
+        for low, high, master, *_ in self._command(node, "CLUSTER SLOTS"):
             if low <= slot <= high:
                 return int(master[1])
         raise LookupError(f"no node serves slot {slot}")

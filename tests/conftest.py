@@ -41,7 +41,11 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 CHROMIUM = os.path.exists("/usr/bin/chromium")
 # The console script of the environment running the tests, not another one on PATH.
 _BESIDE_PYTHON = Path(sys.executable).parent / "usage-guard"
-USAGE_GUARD = str(_BESIDE_PYTHON) if _BESIDE_PYTHON.exists() else shutil.which("usage-guard")
+USAGE_GUARD = (
+    str(_BESIDE_PYTHON)
+    if _BESIDE_PYTHON.exists()
+    else shutil.which("usage-guard") or "usage-guard"  # not installed: fails naming it
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -194,8 +198,17 @@ class Clock:
     def __call__(self) -> datetime:
         return self.now
 
-    def set(self, *args: int, **kwargs: Any) -> None:
-        self.now = datetime(*args, tzinfo=timezone.utc, **kwargs)  # type: ignore[misc]
+    def set(
+        self,
+        year: int,
+        month: int,
+        day: int,
+        hour: int = 0,
+        minute: int = 0,
+        second: int = 0,
+        microsecond: int = 0,
+    ) -> None:
+        self.now = datetime(year, month, day, hour, minute, second, microsecond, timezone.utc)
 
     def advance(self, **kwargs: float) -> None:
         self.now += timedelta(**kwargs)

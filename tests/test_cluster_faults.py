@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-import redis.cluster
+import redis.crc
 
 from cluster import Cluster
 from conftest import RedisProcess, free_port, wait_for
@@ -64,7 +64,7 @@ def mid_november() -> datetime:
 
 
 def slot(org: str) -> int:
-    return redis.cluster.key_slot(f"{{{org}}}".encode())
+    return redis.crc.key_slot(f"{{{org}}}".encode())
 
 
 def counter_key() -> str:

@@ -66,7 +66,7 @@ def redis_py_error(port: int) -> Exception:
             port=port, lib_name=None, lib_version=None, retry=Retry(NoBackoff(), 0)
         )
     try:
-        client.execute_command("GET", "k")
+        client.execute_command("GET", "k")  # type: ignore[no-untyped-call]
     except redis.RedisError as error:
         return error
     finally:
@@ -224,7 +224,7 @@ def test_logs_are_paced_by_time_not_by_success(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     now = [1000.0]
-    monkeypatch.setattr(_runtime.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr("usage_guard._runtime.time.monotonic", lambda: now[0])
     failures = _runtime.Failures()
     outage = redis.ConnectionError("refused")
     with caplog.at_level(logging.WARNING, logger="usage_guard"):

@@ -41,7 +41,7 @@ def keys_of(guard: UsageGuard) -> set[str]:
     return set(found)
 
 
-def seconds_until(moment: datetime, clock: Any) -> float:
+def seconds_until(moment: datetime, clock: Callable[[], datetime]) -> float:
     return (moment - clock()).total_seconds()
 
 

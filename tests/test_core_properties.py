@@ -113,7 +113,7 @@ def test_random_operations_follow_the_model(
     assert [e.threshold for e in received] == model.events
 
 
-identifiers = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=256)
+identifiers = st.text(st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=256)
 
 
 @settings(max_examples=300, deadline=None)

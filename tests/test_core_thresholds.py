@@ -45,7 +45,7 @@ class Delivered(list[ThresholdEvent]):
         self._delivered()
         return list.__len__(self)
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import re
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from flask import Flask
@@ -269,7 +269,7 @@ def test_startup_fails_on_a_misconfiguration_and_warns_on_an_outage(
         buggy = guarded(f"redis://:right-pass@127.0.0.1:{server.port}/0")
         middleware = buggy.build_middleware_stack()
         while not isinstance(middleware, UsageGuardMiddleware):
-            middleware = middleware.app
+            middleware = cast(Any, middleware).app  # every layer wraps the next in .app
         middleware.aguard.ping = lambda: 1 / 0  # type: ignore[method-assign,assignment,return-value]
         [broken] = lifespan(middleware)
         assert broken["type"] == "lifespan.startup.failed"

@@ -167,7 +167,7 @@ def test_personal_budget_denial_tells_the_user_to_ask_their_admin(
 def test_cumulative_denial_has_no_retry_after_and_no_window(
     guard: UsageGuard, client_for: Callable[..., TestClient]
 ) -> None:
-    app = build_app(guard, meter=None, rules=[Rule("/emails", "contacts", 4, {"POST"})])
+    app = build_app(guard, meter=None, rules=[Rule("/emails", "contacts", 4, frozenset({"POST"}))])
     client = client_for(app)
     guard.set_usage("acme", "contacts", 8)
     denied = client.post("/emails", headers=ORG)
@@ -183,7 +183,7 @@ def test_cumulative_denial_has_no_retry_after_and_no_window(
 def test_route_rules_count_with_api_calls_in_one_call(
     guard: UsageGuard, client_for: Callable[..., TestClient]
 ) -> None:
-    client = client_for(build_app(guard, rules=[Rule("/emails", "emails", 2, {"POST"})]))
+    client = client_for(build_app(guard, rules=[Rule("/emails", "emails", 2, frozenset({"POST"}))]))
     served = client.post("/emails", headers=ORG)
     assert served.status_code == 200
     # The fields of every metric the request consumed, not only api_calls: a client
@@ -249,7 +249,7 @@ def test_identify_from_state_set_by_an_auth_middleware(
         scope.setdefault("state", {}).update(org_id="initech", user_id="peter")
         await inner(scope, receive, send)
 
-    client = client_for(auth)  # type: ignore[arg-type]
+    client = client_for(auth)
     assert client.get("/").json() == {"org": "initech", "user": "peter"}
     request = Request({"type": "http", "state": {"org_id": "initech"}})
     assert from_state()(request) == Subject("initech", None)
@@ -305,7 +305,7 @@ def test_the_middleware_wraps_any_asgi_app_and_accepts_the_async_guard(
         await PlainTextResponse("bare")(scope, receive, send)
 
     wrapped = UsageGuardMiddleware(bare, guard=guard.aio, identify=from_headers())
-    client = client_for(wrapped)  # type: ignore[arg-type]
+    client = client_for(wrapped)
     assert client.get("/", headers=ORG).text == "bare"
     assert guard.usage("acme").meters["api_calls"].used == 1
     assert lifespan == ["lifespan.startup"]  # the lifespan scope reached the app

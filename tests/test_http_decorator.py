@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 
 import usage_guard
-from usage_guard import Plan, UsageGuard, UsageLimitExceeded, metered
-from usage_guard.decorator import NotBound
+from usage_guard import NotBound, Plan, UsageGuard, UsageLimitExceeded, metered
 
 PLANS = {"free": Plan("free", {"ai_tokens": 100, "emails": 3, "contacts": 5})}
 

@@ -34,7 +34,7 @@ def build(guard: UsageGuard) -> FastAPI:
     @app.post("/enrich-sync", dependencies=[Depends(require("enrichments", guard=guard))])
     def enrich_sync() -> dict[str, str | None]:
         who = current_subject()
-        return {"org": who and who.org}
+        return {"org": None if who is None else who.org}
 
     @app.post("/generate")
     def generate(n: int) -> dict[str, int]:

@@ -63,7 +63,7 @@ QUOTED = re.compile(r'"((?:\\.|[^"\\])*)"')
 
 def watch(client: redis.Redis, into: list[tuple[bool, list[str]]], ready: threading.Event) -> None:
     """Collect (run by a script, arguments) of every command until ``ECHO END``."""
-    with client.monitor() as monitor:
+    with client.monitor() as monitor:  # type: ignore[no-untyped-call]
         ready.set()
         while True:
             line = monitor.connection.read_response()
@@ -97,7 +97,7 @@ def test_every_key_a_script_touches_is_declared(redis_process: RedisProcess) -> 
     assert not watcher.is_alive()
 
     declared: set[str] = set()
-    undeclared: list[tuple[str, str]] = []
+    undeclared: list[tuple[bytes | str, str]] = []
     scripts = touched = 0
     for by_script, args in monitored:
         if not by_script:

@@ -245,6 +245,12 @@ def _wants_colour(choice: str, out: TextIO) -> bool:
     return out.isatty() and "NO_COLOR" not in os.environ
 
 
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("usage_guard")
+
+
 def parser() -> argparse.ArgumentParser:
     storage = argparse.ArgumentParser(add_help=False)
     storage.add_argument("--url", help="storage URL (default: $USAGE_GUARD_URL)")
@@ -254,6 +260,7 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="usage-guard", description="Read and administer usage_guard counters."
     )
+    root.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     show = commands.add_parser("show", parents=[storage], help="an org's meters and period")

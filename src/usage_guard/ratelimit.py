@@ -4,6 +4,7 @@ Enforced with the ``limits`` library (moving window) on the guard's own storage:
 ``limits``' Redis storage on the same server for ``redis://``, ``rediss://`` and
 ``redis+cluster://`` URLs, its in-process memory storage for ``memory://``.
 Which plan an org is on is read from its ``org`` hash and cached briefly.
+``limits`` is imported only when a plan declares rate limits.
 """
 
 from __future__ import annotations
@@ -11,12 +12,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from limits import RateLimitItem, parse_many
-from limits.aio.strategies import MovingWindowRateLimiter as AsyncMovingWindow
-from limits.storage import storage_from_string
-from limits.strategies import MovingWindowRateLimiter
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -25,6 +22,11 @@ from .aio import AsyncUsageGuard
 from .guard import UsageGuard
 from .keys import KeySpace, encode_id
 from .problem import Problem, rate_limited
+
+if TYPE_CHECKING:
+    from limits import RateLimitItem
+    from limits.aio.strategies import MovingWindowRateLimiter as AsyncMovingWindow
+    from limits.strategies import MovingWindowRateLimiter
 
 #: How long (s) an org's plan assignment is trusted before it is read again.
 PLAN_CACHE_SECONDS = 5.0
@@ -44,10 +46,14 @@ class RateLimits:
         self.guard = guard.sync if isinstance(guard, AsyncUsageGuard) else guard
         engine = self.guard.engine
         self.status_code = status_code
-        self.by_plan: Mapping[str, Mapping[str, list[RateLimitItem]]] = {
-            name: {metric: parse_many(text) for metric, text in plan.rate_limits.items()}
-            for name, plan in engine.plans.by_name.items()
-        }
+        self.by_plan: Mapping[str, Mapping[str, list[RateLimitItem]]] = {}
+        if any(plan.rate_limits for plan in engine.plans.by_name.values()):
+            from limits import parse_many
+
+            self.by_plan = {
+                name: {metric: parse_many(text) for metric, text in plan.rate_limits.items()}
+                for name, plan in engine.plans.by_name.items()
+            }
         backend = self.guard.backend
         # limits names a unix socket redis+unix://.
         url = backend.client_url.replace("unix://", "redis+unix://", 1)
@@ -144,6 +150,9 @@ class RateLimits:
         if not checks:
             return None
         if self._sync is None:
+            from limits.storage import storage_from_string
+            from limits.strategies import MovingWindowRateLimiter
+
             options = dict(self._options)
             if self._uri != "memory://":
                 options["retry"] = Retry(NoBackoff(), 0)
@@ -160,6 +169,9 @@ class RateLimits:
         if not checks:
             return None
         if self._async is None:
+            from limits.aio.strategies import MovingWindowRateLimiter as AsyncMovingWindow
+            from limits.storage import storage_from_string
+
             options = dict(self._options)
             if self._uri != "memory://":
                 options["implementation"] = "redispy"  # limits' default async client is coredis
