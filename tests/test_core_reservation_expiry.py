@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+import usage_guard
 from conftest import raw_client
 from usage_guard import InvalidUsage, Plan, UsageGuard
 from usage_guard.keys import KeySpace
@@ -202,3 +203,47 @@ def test_async_reservations_expire_too(guard: UsageGuard, clock: Any) -> None:
 
     asyncio.run(scenario())
     assert used(guard, "ai_tokens") == 1010
+
+
+# -- found by attacking the sweep: sums past what a double or Redis can hold ------------
+
+
+def test_a_reservation_that_cannot_be_held_holds_nothing(guard: UsageGuard) -> None:
+    space = KeySpace(guard.engine.prefix, "acme")
+    near_the_top = str(2**63 - 1000)  # what open reservations of an unlimited meter hold
+    raw_client(guard).hset(space.held, "c:import_rows:2026-11", near_the_top)
+    with pytest.raises(Exception, match="overflow"):  # the tests re-raise unexpected errors
+        guard.reserve("acme", {"ai_tokens": 900, "import_rows": 5000})
+    assert held(guard) == {"c:import_rows:2026-11": near_the_top}
+    assert open_entries(guard) == 0
+    assert guard.consume("acme", "ai_tokens", 1000).allowed
+
+
+def test_usage_adds_held_estimates_exactly_past_two_to_the_53(guard: UsageGuard) -> None:
+    counter = KeySpace(guard.engine.prefix, "acme").counter("import_rows", "2026-11")
+    raw_client(guard).set(counter, str(2**53 + 1))
+    guard.reserve("acme", "import_rows", 1)
+    assert guard.usage("acme").meters["import_rows"].used == 2**53 + 2
+
+
+def test_a_decision_past_two_to_the_63_reports_at_most_two_to_the_53(guard: UsageGuard) -> None:
+    counter = KeySpace(guard.engine.prefix, "acme").counter("import_rows", "2026-11")
+    raw_client(guard).set(counter, str(2**63 - 1000))
+    decision = guard.reserve("acme", "import_rows", 2**53 - 1).decision
+    assert decision.allowed and decision.used == 2**53 - 1
+
+
+def test_metered_cost_takes_the_reservation_ttl(guard: UsageGuard, clock: Any) -> None:
+    @guard.metered("ai_tokens", 900, cost=lambda reply: len(reply), ttl=3600)
+    def slow_completion() -> str:
+        clock.advance(minutes=30)  # past the guard's 15 minutes, within the call's hour
+        assert not guard.check("acme", "ai_tokens", 200).allowed  # still held
+        return "x" * 700
+
+    with usage_guard.subject("acme", guard=guard):
+        assert slow_completion() == "x" * 700
+    assert used(guard, "ai_tokens") == 700
+    with pytest.raises(InvalidUsage, match="cost"):
+        guard.metered("ai_tokens", ttl=60)
+    with pytest.raises(InvalidUsage, match="ttl"):
+        guard.metered("ai_tokens", cost=len, ttl=0)

@@ -594,7 +594,10 @@ class Engine:
         reply: Any,
     ) -> Usage:
         org_hash = _pairs(reply[0])
-        budgets, values, histories = reply[1], iter(_counts(counters, reply[2])), iter(reply[3])
+        counts = _counts(counters, reply[2])
+        for i, held in enumerate(reply[4]):  # estimates of open reservations count too
+            counts[i] += int(held or 0)
+        budgets, values, histories = reply[1], iter(counts), iter(reply[3])
         plan = self.plans.effective(org, org_hash.get("plan"))
         overrides = {
             name[6:]: value for name, value in org_hash.items() if name.startswith("limit:")

@@ -187,13 +187,13 @@ class AsyncUsageGuard:
         return listener
 
     def metered(
-        self, metric: str, amount: Amount = 1, *, cost: Cost | None = None
+        self, metric: str, amount: Amount = 1, *, cost: Cost | None = None, ttl: float | None = None
     ) -> Callable[[Callable[P, R]], Callable[P, R]]:
         """``@guard.metered("emails")``: :func:`usage_guard.metered` on this guard; the
         decorated function keeps its signature."""
         from .decorator import metered
 
-        return metered(metric, amount, cost=cost, guard=self)
+        return metered(metric, amount, cost=cost, ttl=ttl, guard=self)
 
     def require(self, metric: str, amount: int = 1) -> Requirement:
         """FastAPI: ``Depends(guard.require("ai_tokens", 1))`` meters the route."""

@@ -155,7 +155,7 @@ def _keys(args: argparse.Namespace, out: TextIO) -> None:
     else:
         raise CliError(f"--period must be YYYY-MM (a month, e.g. 2026-11), not {args.period!r}")
     catalog = DEFAULT_CATALOG
-    rows = [(space.org, "hash", "plan, limit:<metric> overrides")]
+    rows = [(space.org, "hash", "plan, limit:<metric> overrides, reservations:due")]
     rows.append((space.budgets, "hash", "<user>:<metric> -> personal budget"))
     for metric in catalog:
         if metric.monthly:
@@ -170,7 +170,9 @@ def _keys(args: argparse.Namespace, out: TextIO) -> None:
             )
     rows.append((space.thresholds(period.key), "hash", "<metric> -> highest threshold emitted"))
     rows.append((space.base + "idem:*", "string", "idempotent consumptions (24 h)"))
-    rows.append((space.base + "r:*", "hash", "open reservations"))
+    rows.append((space.reservations, "zset", "open reservations by deadline (ms)"))
+    rows.append((space.held, "hash", "<counter> -> estimates open reservations hold"))
+    rows.append((space.base + "r:*", "string", "reservations not yet settled or cancelled"))
     width = max(len(key) for key, _, _ in rows)
     for key, kind, what in rows:
         out.write(f"{key:<{width}}  {kind:<6}  {what}\n")

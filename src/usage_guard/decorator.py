@@ -13,6 +13,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 import wrapt
 
+from ._core import check_reservation_ttl
 from .aio import AsyncUsageGuard
 from .context import AnyGuard, current_guard, current_subject
 from .errors import InvalidUsage, NotBound, Unidentified
@@ -29,7 +30,12 @@ Cost = Callable[[Any], int]
 
 
 def metered(
-    metric: str, amount: Amount = 1, *, cost: Cost | None = None, guard: AnyGuard | None = None
+    metric: str,
+    amount: Amount = 1,
+    *,
+    cost: Cost | None = None,
+    ttl: float | None = None,
+    guard: AnyGuard | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Count ``amount`` of ``metric`` for the current subject before each call.
 
@@ -37,8 +43,10 @@ def metered(
     ``self``). With ``cost=callable(result)`` the amount is reserved before the
     call and settled to ``cost(result)`` after it (an exception cancels the
     reservation), so with the default amount of 1 the call runs if one more
-    unit fits and its real cost is recorded even past the cap. A denied call
-    raises :class:`~usage_guard.UsageLimitExceeded` without running.
+    unit fits and its real cost is recorded even past the cap. ``ttl`` (seconds,
+    default the guard's ``reservation_ttl``) is how long that reservation may stay
+    open: give it the longest the call may take. A denied call raises
+    :class:`~usage_guard.UsageLimitExceeded` without running.
 
     The guard comes from ``guard=`` (``@guard.metered`` passes it and checks
     the metric at once) or from the context; an unknown metric fails at the
@@ -50,6 +58,10 @@ def metered(
         check_value(amount)
     if cost is not None and not callable(cost):
         raise InvalidUsage("cost must be a callable of the result")
+    if ttl is not None:
+        if cost is None:
+            raise InvalidUsage("ttl bounds the reservation of a cost=: pass cost= with it")
+        check_reservation_ttl(ttl, "ttl")
 
     def sync_side() -> tuple[UsageGuard, Subject]:
         bound, who = _bound(guard)
@@ -69,7 +81,7 @@ def metered(
         if cost is None:
             side.consume(who.org, metric, units(args, kwargs), user=who.user).raise_for_status()
             return wrapped(*args, **kwargs)
-        reservation = side.reserve(who.org, metric, units(args, kwargs), user=who.user)
+        reservation = side.reserve(who.org, metric, units(args, kwargs), user=who.user, ttl=ttl)
         reservation.decision.raise_for_status()
         with reservation:  # an exception cancels it
             result = wrapped(*args, **kwargs)
@@ -89,7 +101,9 @@ def metered(
             decision = await side.consume(who.org, metric, units(args, kwargs), user=who.user)
             decision.raise_for_status()
             return await wrapped(*args, **kwargs)
-        reservation = await side.reserve(who.org, metric, units(args, kwargs), user=who.user)
+        reservation = await side.reserve(
+            who.org, metric, units(args, kwargs), user=who.user, ttl=ttl
+        )
         reservation.decision.raise_for_status()
         async with reservation:  # an exception cancels it
             result = await wrapped(*args, **kwargs)

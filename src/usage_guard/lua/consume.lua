@@ -13,15 +13,22 @@ local function fits(used, amount, quota)
 end
 
 -- Hold an admitted reservation's estimates until its deadline (see _reservations.lua);
--- its record keeps the entry until it is settled or cancelled.
+-- its record keeps the entry until it is settled or cancelled. Returns an error reply,
+-- having held nothing, when a sum would not fit Redis's integers (estimates of
+-- unlimited meters near 2^63).
 local function hold(metrics, record)
   local entry = {held_field(record, KEYS[1])}
   for _, m in ipairs(metrics) do
     if m.amount > 0 then
       for _, key in ipairs(m.personal and {m.key, m.other} or {m.key}) do
         local field = held_field(key, KEYS[1])
-        redis.call('HINCRBY', HELD, field, m.amount)
-        entry[#entry + 1] = field .. '=' .. string.format('%d', m.amount)
+        local amount = string.format('%d', m.amount)
+        local sum = redis.pcall('HINCRBY', HELD, field, amount)
+        if type(sum) == 'table' then
+          release(HELD, table.concat(entry, '\t'))
+          return sum
+        end
+        entry[#entry + 1] = field .. '=' .. amount
       end
     end
   end
@@ -176,12 +183,13 @@ if not counting then
   end
 end
 
--- An admitted metric's binding budget: the personal one if it leaves less.
+-- An admitted metric's binding budget: the personal one if it leaves less. Usage is
+-- reported up to MAX: past it (unlimited meters only) a double no longer counts exactly.
 local function binding(m)
   if m.budget and (not m.limit or m.budget - m.own < m.quota - m.used) then
-    return 'personal', m.own, m.budget, m.budget
+    return 'personal', math.min(m.own, MAX), m.budget, m.budget
   end
-  return 'organization', m.used, m.limit or -1, m.limit and m.quota or -1
+  return 'organization', math.min(m.used, MAX), m.limit or -1, m.limit and m.quota or -1
 end
 
 -- The decision describes the first metric; the others' budgets follow, so that a
@@ -203,7 +211,10 @@ if FLAGS == 'i' then
   redis.call('SET', extra, string.format('%s\t%s\t%d\t%d\t%d\t%s\t%d', first.name,
     scope, used, limit, quota, PERIOD, first.amount), 'EX', 86400)
 elseif FLAGS == 'r' then
-  hold(metrics, extra)
+  local failure = hold(metrics, extra)
+  if failure then
+    return failure
+  end
 end
 for _, m in ipairs(metrics) do
   if m.amount > 0 then

@@ -3,8 +3,9 @@
 -- estimates, then string keys (counters, gauges), then history hashes;
 -- ARGV[1] now (ms, by the guard's clock), ARGV[2] the number of string keys,
 -- ARGV[3..] the budget fields wanted.
--- Reply: {HGETALL org, budgets (HMGET), values (MGET, plus what open reservations hold
---         against each counter), {HGETALL of each history hash}}.
+-- Reply: {HGETALL org, budgets (HMGET), values (MGET), {HGETALL of each history hash},
+--         what open reservations hold against each value's counter (HMGET, or {} when
+--         none is open): the client adds them, exactly}.
 
 local strings = tonumber(ARGV[2])
 local org = redis.call('HGETALL', KEYS[1])
@@ -15,7 +16,7 @@ for i = 1, #org, 2 do
   end
 end
 local open = sweep(KEYS[3], KEYS[4], ARGV[1], due)
-local values, budgets, histories = {}, {}, {}
+local values, budgets, histories, held = {}, {}, {}, {}
 if strings > 0 then
   values = redis.call('MGET', unpack(KEYS, 5, 4 + strings))
   if open then
@@ -23,13 +24,7 @@ if strings > 0 then
     for i = 1, strings do
       fields[i] = held_field(KEYS[4 + i], KEYS[1])
     end
-    local held = redis.call('HMGET', KEYS[4], unpack(fields))
-    for i = 1, strings do
-      local count = tonumber(values[i] or '0')
-      if held[i] and count then  -- a value that is no count is left for the client to name
-        values[i] = string.format('%d', count + tonumber(held[i]))
-      end
-    end
+    held = redis.call('HMGET', KEYS[4], unpack(fields))
   end
 end
 if #ARGV > 2 then
@@ -38,4 +33,4 @@ end
 for i = 5 + strings, #KEYS do
   histories[#histories + 1] = redis.call('HGETALL', KEYS[i])
 end
-return {org, budgets, values, histories}
+return {org, budgets, values, histories, held}
