@@ -33,7 +33,7 @@ from starlette.testclient import TestClient
 
 from scripted import ScriptedServer
 from usage_guard import UsageGuard
-from usage_guard._runtime import Failures
+from usage_guard.failures import Failures
 
 REDIS_URL = os.environ.get("USAGE_GUARD_REDIS_URL", "")
 CLUSTER = os.environ.get("USAGE_GUARD_CLUSTER", "") == "1"

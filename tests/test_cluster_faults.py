@@ -16,7 +16,7 @@ reaches. The cluster breaks mid-load; asserted:
   plain client, agrees;
 - every org served again within 2 s of the promotion or the migration's end;
 - the outage logged (an ERROR while failing, a few at most, a WARNING "reachable again"
-  after the last ERROR) and counted: ``guard.engine.backend_errors`` grew by exactly the
+  after the last ERROR) and counted: ``guard.failures.backend_errors`` grew by exactly the
   number of calls the policy answered.
 
 ``pytest -s`` prints the figures of each scenario and the whole table at the end.
@@ -142,7 +142,7 @@ class Run:
     timeout: float
     load: Load
     fault: Fault
-    #: How much ``guard.engine.backend_errors`` grew over the load.
+    #: How much ``guard.failures.backend_errors`` grew over the load.
     counted: int
     records: list[logging.LogRecord]
     #: ``CAPPED``'s emails counter after the run, read with a plain client.
@@ -178,7 +178,7 @@ def exercise(
             guard.check(org, "emails", 0)
         load = make_load(mode, guard)  # test_faults' requests, ASGI or threads...
         load.choose = mix(orgs)  # ...over this test's orgs
-        errors_before = guard.engine.backend_errors
+        errors_before = guard.failures.backend_errors
         with load:
             time.sleep(BEFORE)
             broken = fault()
@@ -188,7 +188,7 @@ def exercise(
                 timeout=CAP_WAIT,
                 what=f"{CAPPED} to reach its cap",
             )
-        counted = guard.engine.backend_errors - errors_before
+        counted = guard.failures.backend_errors - errors_before
     finally:
         guard.close()
     counter = int(cluster.client(cluster.master_of(slot(CAPPED))).get(counter_key()) or 0)
@@ -248,7 +248,7 @@ def judge(run: Run) -> None:
         problems.append("no call answered by the policy: did anything break?")
     if run.counted != len(fallbacks):
         problems.append(
-            f"guard.engine.backend_errors grew by {run.counted}, "
+            f"guard.failures.backend_errors grew by {run.counted}, "
             f"{len(fallbacks)} calls answered by the policy"
         )
 

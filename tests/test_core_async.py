@@ -106,7 +106,7 @@ def test_every_listener_hears_every_event_whichever_side_crossed_it(
         await guard.aio.consume("acme", "emails", 1)  # async code crosses 90 %
 
     run(guard, crossing_90)
-    assert guard.engine.events.drain(5) == 0
+    assert guard.runtime.events.drain(5) == 0
     assert heard == [("async", 80), ("sync", 80), ("async", 90), ("sync", 90)]
 
 
@@ -118,7 +118,7 @@ def test_listeners_run_off_the_request_path(make_guard: MakeGuard) -> None:
     assert guard.consume("acme", "emails", 8).allowed  # a slow listener does not hold it
     assert time.monotonic() - started < 2
     release.set()
-    assert guard.engine.events.drain(5) == 0
+    assert guard.runtime.events.drain(5) == 0
 
 
 def test_what_the_queue_cannot_take_is_dropped_counted_and_logged(
@@ -131,8 +131,8 @@ def test_what_the_queue_cannot_take_is_dropped_counted_and_logged(
     guard.consume("acme", "emails", 8)  # 80 %: delivering
     guard.consume("acme", "emails", 1)  # 90 %: no room
     release.set()
-    assert guard.engine.events.drain(5) == 0
-    assert guard.engine.failures.dropped_events == 1
+    assert guard.runtime.events.drain(5) == 0
+    assert guard.failures.dropped_events == 1
     assert "were dropped" in caplog.text
 
 
@@ -171,7 +171,7 @@ def test_async_reservations_admin_and_usage(make_guard: MakeGuard, clock: Any) -
 
 def test_async_from_url_builds_a_guard(make_guard: MakeGuard, storage_url: str) -> None:
     # The make_guard guard reserves a prefix whose keys are deleted after the test.
-    prefix = make_guard().engine.prefix
+    prefix = make_guard().calls.prefix
     aguard = AsyncUsageGuard.from_url(
         storage_url, plans=PLANS, default_plan="free", prefix=prefix, clock=clock_of(make_guard)
     )
@@ -187,7 +187,7 @@ def test_async_from_url_builds_a_guard(make_guard: MakeGuard, storage_url: str) 
 
 
 def clock_of(make_guard: MakeGuard) -> Any:
-    return make_guard().engine.clock
+    return make_guard().calls.clock
 
 
 def test_many_concurrent_async_consumptions_admit_exactly_the_limit(

@@ -40,7 +40,7 @@ def race(make_guard: MakeGuard, url: str, limit: int, attempts: int) -> None:
         start = manager.Event()
         with context.Pool(PROCESSES) as pool:
             runs = [
-                pool.apply_async(hammer, (url, guard.engine.prefix, attempts, start))
+                pool.apply_async(hammer, (url, guard.calls.prefix, attempts, start))
                 for _ in range(PROCESSES)
             ]
             start.set()

@@ -22,7 +22,7 @@ def guard(make_guard: Callable[..., UsageGuard]) -> UsageGuard:
 
 
 def keys(guard: UsageGuard) -> KeySpace:
-    return KeySpace.of(guard.engine.prefix, "acme")
+    return KeySpace.of(guard.calls.prefix, "acme")
 
 
 def spoil(guard: UsageGuard, key: str, how: str) -> None:
@@ -67,7 +67,7 @@ def test_settling_and_releasing_change_nothing_when_one_counter_is_spoiled(
     spoil(guard, keys(guard).gauge("contacts"), "text")
     # The work ran: settling never raises; it is given up, counted, and changes nothing.
     assert reservation.settle({"emails": 1, "contacts": 1}) is False
-    assert guard.engine.failures.unsettled == 1
+    assert guard.failures.unsettled == 1
     assert raw_client(guard).hget(keys(guard).held, f"c:emails:{PERIOD}") == "5"
     assert raw_client(guard).get(keys(guard).counter("emails", PERIOD)) is None
     with pytest.raises(CorruptedCounter):

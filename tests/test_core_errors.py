@@ -19,7 +19,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from scripted import ScriptedServer
-from usage_guard import BackendMisconfigured, BackendUnavailable, Plan, UsageGuard, _runtime
+from usage_guard import BackendMisconfigured, BackendUnavailable, Plan, UsageGuard
+from usage_guard import failures as failures_module
 from usage_guard.faults import Fault, classify
 from usage_guard.wire import Endpoint, PipelinedScripts, SocketScripts
 
@@ -174,7 +175,7 @@ def test_outage_replies_follow_the_policy_sync_and_async(
             await guard.aio.aclose()
 
     assert asyncio.run(on_the_async_side()) == (True, False)
-    assert guard.engine.backend_errors == 5
+    assert guard.failures.backend_errors == 5
     guard.close()
 
 
@@ -210,13 +211,13 @@ def test_anything_else_follows_the_policy_but_is_logged_with_its_traceback(
     # The suite re-raises such errors; production answers by the policy.
     with pytest.raises(redis.ResponseError, match="Error running script"):
         guard.consume("acme", "emails")
-    monkeypatch.setattr(_runtime.Failures, "reraise_unexpected", False)
+    monkeypatch.setattr(failures_module.Failures, "reraise_unexpected", False)
     with caplog.at_level(logging.ERROR, logger="usage_guard"):
         decision = guard.consume("acme", "emails")
     assert (decision.allowed, decision.scope) == (True, "unavailable")
     [record] = caplog.records
     assert record.exc_info is not None and record.exc_info[0] is redis.ResponseError
-    assert (guard.engine.failures.unexpected_errors, guard.engine.backend_errors) == (2, 0)
+    assert (guard.failures.unexpected_errors, guard.failures.backend_errors) == (2, 0)
     guard.close()
 
 
@@ -224,8 +225,8 @@ def test_logs_are_paced_by_time_not_by_success(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     now = [1000.0]
-    monkeypatch.setattr("usage_guard._runtime.time.monotonic", lambda: now[0])
-    failures = _runtime.Failures()
+    monkeypatch.setattr("usage_guard.failures.time.monotonic", lambda: now[0])
+    failures = failures_module.Failures()
     outage = redis.ConnectionError("refused")
     with caplog.at_level(logging.WARNING, logger="usage_guard"):
         in_flight = failures.backend_errors

@@ -33,7 +33,7 @@ def guard(make_guard: MakeGuard) -> UsageGuard:
 
 def keys_of(guard: UsageGuard) -> set[str]:
     client = raw_client(guard)
-    pattern = f"{guard.engine.prefix}:*"
+    pattern = f"{guard.calls.prefix}:*"
     if isinstance(client, redis.RedisCluster):
         found = client.scan_iter(match=pattern, target_nodes=redis.RedisCluster.ALL_NODES)
     else:
@@ -58,7 +58,7 @@ def test_every_key_has_its_documented_name_type_and_ttl(guard: UsageGuard, clock
     guard.consume("acme", {"ai_tokens": 90, "contacts": 45}, user="alice")
     reservation = guard.reserve("acme", "emails", 2, user="alice")
     guard.consume("acme", "enrichments", 4, user="bob")
-    p = guard.engine.prefix
+    p = guard.calls.prefix
     client = raw_client(guard)
     # An open reservation holds its estimate apart from the counters until its deadline.
     entry = f"r:{reservation.ticket.id}\tc:emails:2026-11=2"
@@ -106,7 +106,7 @@ def test_every_key_has_its_documented_name_type_and_ttl(guard: UsageGuard, clock
 def test_ttls_follow_the_injected_clock(guard: UsageGuard, clock: Any) -> None:
     clock.set(2026, 6, 30, 23, 59, 59)
     guard.consume("acme", "emails", 1)
-    key = f"{guard.engine.prefix}:{{acme}}:c:emails:2026-06"
+    key = f"{guard.calls.prefix}:{{acme}}:c:emails:2026-06"
     assert_ttl(
         raw_client(guard), key, seconds_until(datetime(2026, 12, 1, tzinfo=timezone.utc), clock)
     )
@@ -115,7 +115,7 @@ def test_ttls_follow_the_injected_clock(guard: UsageGuard, clock: Any) -> None:
 def test_history_months_sets_how_long_monthly_keys_live(make_guard: MakeGuard, clock: Any) -> None:
     guard = make_guard(plans=PLANS, history_months=2)
     guard.consume("acme", "emails", 1)
-    key = f"{guard.engine.prefix}:{{acme}}:c:emails:2026-11"
+    key = f"{guard.calls.prefix}:{{acme}}:c:emails:2026-11"
     assert_ttl(
         raw_client(guard), key, seconds_until(datetime(2027, 1, 1, tzinfo=timezone.utc), clock)
     )
@@ -127,7 +127,7 @@ def test_cumulative_history_keeps_only_the_window(make_guard: MakeGuard, clock: 
     for month in range(1, 8):
         clock.set(2026, month, 15)
         guard.set_usage("acme", "storage", month)
-    history = raw_client(guard).hgetall(f"{guard.engine.prefix}:{{acme}}:h:storage")
+    history = raw_client(guard).hgetall(f"{guard.calls.prefix}:{{acme}}:h:storage")
     assert history == {"2026-05": "5", "2026-06": "6", "2026-07": "7"}
 
 
@@ -147,7 +147,7 @@ def test_ids_are_percent_encoded_into_keys(
 ) -> None:
     assert encode_id(identifier) == encoded and decode_id(encoded) == identifier
     guard.consume(identifier, "ai_tokens", 7, user=identifier)
-    p = guard.engine.prefix
+    p = guard.calls.prefix
     assert keys_of(guard) == {
         f"{p}:{{{encoded}}}:c:ai_tokens:2026-11",
         f"{p}:{{{encoded}}}:u:{encoded}:ai_tokens:2026-11",
@@ -205,7 +205,7 @@ def test_a_plain_redis_client_reads_the_counters(guard: UsageGuard) -> None:
     guard.set_budget("acme", "alice", "ai_tokens", 100)
     guard.consume("acme", "ai_tokens", 42, user="alice")
     guard.set_usage("acme", "storage", 10_485_760)
-    p = guard.engine.prefix
+    p = guard.calls.prefix
     with redis.Redis.from_url(os.environ["USAGE_GUARD_REDIS_URL"], decode_responses=True) as cli:
         # What `redis-cli GET 'ug:{acme}:c:ai_tokens:2026-11'` and friends show an operator.
         assert cli.get(f"{p}:{{acme}}:c:ai_tokens:2026-11") == "42"
@@ -301,7 +301,7 @@ def test_one_reading_of_the_clock_per_call_even_across_midnight_on_the_1st(
     decision = guard.consume("acme", "emails")
     assert len(readings) == 2  # read once
     assert decision.resets_at == datetime(2026, 12, 1, tzinfo=timezone.utc)
-    key = f"{guard.engine.prefix}:{{acme}}:c:emails:2026-11"
+    key = f"{guard.calls.prefix}:{{acme}}:c:emails:2026-11"
     ttl = raw_client(guard).ttl(key)
     # November's counter lives until May 2027 starts, counted from 23:59:59.999 Nov 30.
     expected = (datetime(2027, 5, 1, tzinfo=timezone.utc) - readings[0]).total_seconds()

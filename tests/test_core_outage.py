@@ -33,7 +33,7 @@ def test_a_stopped_server_is_allowed_by_default_logged_once_and_counted(
         decisions = [guard.consume("acme", "emails", 100) for _ in range(3)]
     assert all(d.allowed and d.scope == "unavailable" for d in decisions)
     assert decisions[0].resets_at is not None and decisions[0].remaining is None
-    assert guard.engine.backend_errors == 3
+    assert guard.failures.backend_errors == 3
     assert len(outage_errors(caplog)) == 1
     with pytest.raises(BackendUnavailable):
         guard.usage("acme")
@@ -109,7 +109,7 @@ def test_the_async_guard_gives_up_after_the_timeout_too(blackhole: Blackhole) ->
 
     decision = asyncio.run(scenario())
     assert (decision.allowed, decision.scope) == (True, "unavailable")
-    assert guard.engine.backend_errors == 1
+    assert guard.failures.backend_errors == 1
 
 
 def test_the_guard_recovers_when_redis_is_back(

@@ -109,7 +109,7 @@ def test_random_operations_follow_the_model(
     # Only an unlimited meter gets past MAX, where the scripts' doubles round.
     if model.peak <= MAX:
         assert guard.usage(org).meters[metric].used == model.used
-    assert guard.engine.events.drain(5) == 0  # listeners run on a background thread
+    assert guard.runtime.events.drain(5) == 0  # listeners run on a background thread
     assert [e.threshold for e in received] == model.events
 
 

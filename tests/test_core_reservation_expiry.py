@@ -29,11 +29,11 @@ def used(guard: UsageGuard, metric: str, org: str = "acme") -> int:
 
 
 def held(guard: UsageGuard, org: str = "acme") -> dict[str, str]:
-    return raw_client(guard).hgetall(KeySpace(guard.engine.prefix, org).held)  # type: ignore[no-any-return]
+    return raw_client(guard).hgetall(KeySpace(guard.calls.prefix, org).held)  # type: ignore[no-any-return]
 
 
 def open_entries(guard: UsageGuard, org: str = "acme") -> int:
-    return raw_client(guard).zcard(KeySpace(guard.engine.prefix, org).reservations)  # type: ignore[no-any-return]
+    return raw_client(guard).zcard(KeySpace(guard.calls.prefix, org).reservations)  # type: ignore[no-any-return]
 
 
 def test_an_estimate_left_open_stops_counting_at_its_deadline(
@@ -145,7 +145,7 @@ def test_the_default_ttl_is_the_guards_and_reserve_can_set_its_own(
     longer = guard.reserve("acme", "emails", 1, ttl=2.5 * 3600)
     assert default.expires_at == clock() + timedelta(seconds=90)
     assert longer.expires_at == clock() + timedelta(hours=2.5)
-    assert make_guard(plans=PLANS).engine.reservation_ttl == 900  # 15 minutes
+    assert make_guard(plans=PLANS).calls.reservation_ttl == 900  # 15 minutes
 
 
 @pytest.mark.parametrize("bad", [0, -1, 31 * 86400 + 1, float("nan"), float("inf"), True, "60"])
@@ -166,13 +166,13 @@ def test_an_expired_reservation_refunded_never_recreates_a_counter(
     clock.advance(seconds=11)
     guard.check("acme", "emails")
     assert reservation.cancel() is False
-    prefix = f"{guard.engine.prefix}:{{acme}}:"
+    prefix = f"{guard.calls.prefix}:{{acme}}:"
     assert not [k for k in raw_client(guard).scan_iter(f"{prefix}*") if ":r:" not in k]
 
 
 def test_releasing_a_meter_that_is_gone_never_recreates_it(guard: UsageGuard) -> None:
     guard.release("acme", "contacts", 5)
-    assert not list(raw_client(guard).scan_iter(f"{guard.engine.prefix}:*"))
+    assert not list(raw_client(guard).scan_iter(f"{guard.calls.prefix}:*"))
 
 
 def test_the_keys_of_open_reservations_outlive_the_last_deadline(
@@ -182,7 +182,7 @@ def test_the_keys_of_open_reservations_outlive_the_last_deadline(
     clock.set(2026, 11, 30, 23, 59)  # this month's keys expire in 60 s
     first = guard.reserve("acme", "emails", 1, ttl=3600)
     second = guard.reserve("acme", "emails", 1, ttl=600)
-    space = KeySpace(guard.engine.prefix, "acme")
+    space = KeySpace(guard.calls.prefix, "acme")
     client = raw_client(guard)
     for key in (space.reservations, space.held, space.reservation(first.ticket.id)):
         assert 3600 - 5 <= client.ttl(key) <= 3600, key
@@ -209,7 +209,7 @@ def test_async_reservations_expire_too(guard: UsageGuard, clock: Any) -> None:
 
 
 def test_a_reservation_that_cannot_be_held_holds_nothing(guard: UsageGuard) -> None:
-    space = KeySpace(guard.engine.prefix, "acme")
+    space = KeySpace(guard.calls.prefix, "acme")
     near_the_top = str(2**63 - 1000)  # what open reservations of an unlimited meter hold
     raw_client(guard).hset(space.held, "c:import_rows:2026-11", near_the_top)
     with pytest.raises(Exception, match="overflow"):  # the tests re-raise unexpected errors
@@ -220,14 +220,14 @@ def test_a_reservation_that_cannot_be_held_holds_nothing(guard: UsageGuard) -> N
 
 
 def test_usage_adds_held_estimates_exactly_past_two_to_the_53(guard: UsageGuard) -> None:
-    counter = KeySpace(guard.engine.prefix, "acme").counter("import_rows", "2026-11")
+    counter = KeySpace(guard.calls.prefix, "acme").counter("import_rows", "2026-11")
     raw_client(guard).set(counter, str(2**53 + 1))
     guard.reserve("acme", "import_rows", 1)
     assert guard.usage("acme").meters["import_rows"].used == 2**53 + 2
 
 
 def test_a_decision_past_two_to_the_63_reports_at_most_two_to_the_53(guard: UsageGuard) -> None:
-    counter = KeySpace(guard.engine.prefix, "acme").counter("import_rows", "2026-11")
+    counter = KeySpace(guard.calls.prefix, "acme").counter("import_rows", "2026-11")
     raw_client(guard).set(counter, str(2**63 - 1000))
     decision = guard.reserve("acme", "import_rows", 2**53 - 1).decision
     assert decision.allowed and decision.used == 2**53 - 1

@@ -190,7 +190,7 @@ def test_a_cost_function_that_raises_closes_the_reservation_at_its_estimate(
     # The work ran: the estimate stays counted, and the reservation is closed.
     assert used(guard, "ai_tokens") == 300
     plain = raw_client(guard)
-    assert not [k for k in plain.scan_iter(f"{guard.engine.prefix}:{{acme}}:r:*")]
+    assert not [k for k in plain.scan_iter(f"{guard.calls.prefix}:{{acme}}:r:*")]
 
 
 @pytest.mark.parametrize("side", ["sync", "async"])

@@ -18,7 +18,8 @@ from usage_guard import (
     UsageGuard,
     UsageLimitExceeded,
 )
-from usage_guard._core import Engine
+from usage_guard.calls import Calls
+from usage_guard.runtime import Runtime
 
 MakeGuard = Callable[..., UsageGuard]
 
@@ -48,8 +49,14 @@ def guard(make_guard: MakeGuard) -> UsageGuard:
 def on_same_storage(guard: UsageGuard, **options: Any) -> UsageGuard:
     """Another guard (other configuration, same prefix and clock) on the storage of ``guard``:
     what a redeploy with new plan definitions looks like."""
-    engine = Engine(prefix=guard.engine.prefix, clock=guard.engine.clock, **options)
-    return UsageGuard(engine, guard.backend)
+    runtime = Runtime(guard.catalog)
+    calls = Calls(
+        unavailable=runtime.unavailable,
+        prefix=guard.calls.prefix,
+        clock=guard.calls.clock,
+        **options,
+    )
+    return UsageGuard(calls, runtime, guard.backend)
 
 
 # -- hard and soft caps ---------------------------------------------------------------
@@ -187,12 +194,12 @@ def test_an_assigned_plan_no_longer_configured_falls_back_to_the_default(
 def test_a_changed_plan_definition_applies_without_rewriting_redis(guard: UsageGuard) -> None:
     guard.assign_plan("acme", "pro")
     assert guard.consume("acme", "emails", 1000).allowed
-    org_hash = raw_client(guard).hgetall(f"{guard.engine.prefix}:{{acme}}:org")
+    org_hash = raw_client(guard).hgetall(f"{guard.calls.prefix}:{{acme}}:org")
     bigger_pro = {**PLANS, "pro": Plan("pro", {"emails": 1500})}
     redeployed = on_same_storage(guard, plans=bigger_pro, default_plan="free")
     decision = redeployed.consume("acme", "emails", 500)
     assert (decision.allowed, decision.used, decision.limit) == (True, 1500, 1500)
-    assert raw_client(guard).hgetall(f"{guard.engine.prefix}:{{acme}}:org") == org_hash
+    assert raw_client(guard).hgetall(f"{guard.calls.prefix}:{{acme}}:org") == org_hash
 
 
 # -- check, amount 0 and Decision fields ----------------------------------------------
@@ -400,7 +407,7 @@ def test_prepared_consumptions_follow_the_month_and_a_full_cache(
     guard: Any, clock: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A one-metric consume reuses its keys and arguments per (org, metric, user) and month.
-    monkeypatch.setattr("usage_guard._core.PREPARED_SIZE", 2)
+    monkeypatch.setattr("usage_guard.calls.PREPARED_SIZE", 2)
     for month in (11, 12):
         clock.set(2026, month, 15)
         for org in ("acme", "globex", "initech"):  # three entries: the cache starts afresh

@@ -18,7 +18,8 @@ import pytest
 import redis
 
 from conftest import RedisProcess, raw_client, wait_for
-from usage_guard import BackendUnavailable, Plan, UsageGuard, _runtime, metered, settling, subject
+from usage_guard import BackendUnavailable, Plan, UsageGuard, metered, settling, subject
+from usage_guard import failures as failures_module
 from usage_guard.keys import KeySpace
 from usage_guard.settling import Settler
 
@@ -65,7 +66,7 @@ def test_a_cost_settled_during_an_outage_returns_the_result_and_lands_once(
         wait_for(lambda: guard.settler.pending == 0, what="the settle to land")
         # Exactly the actual cost: the timed-out attempt and the retry settle it once.
         assert counter(server) == 40
-        assert guard.engine.failures.unsettled == 0
+        assert guard.failures.unsettled == 0
     finally:
         os.kill(server.process.pid, signal.SIGCONT)
         guard.close()
@@ -86,7 +87,7 @@ def test_close_gives_up_after_its_timeout_and_says_so(
     assert cancelled.cancel() is True  # queued too
     with caplog.at_level(logging.ERROR, logger="usage_guard"):
         guard.close(timeout=0.3)
-    assert guard.engine.failures.unsettled == 2 and guard.settler.pending == 0
+    assert guard.failures.unsettled == 2 and guard.settler.pending == 0
     assert any("could not reach Redis" in r.getMessage() for r in caplog.records)
 
 
@@ -101,7 +102,7 @@ def test_the_queue_is_bounded(
     with caplog.at_level(logging.ERROR, logger="usage_guard"):
         for reservation in reservations:
             reservation.settle(1)
-    assert (guard.settler.pending, guard.engine.failures.unsettled) == (2, 1)
+    assert (guard.settler.pending, guard.failures.unsettled) == (2, 1)
     assert any("dropped" in r.getMessage() for r in caplog.records)
     guard.close(timeout=0)
 
@@ -118,14 +119,14 @@ def test_a_settle_that_fails_for_a_bug_is_given_up_not_retried(
     guard = make_guard(plans=PLANS, default_plan="free")
     reservation = guard.reserve("acme", "ai_tokens", 100)
     plain = raw_client(guard)
-    key = KeySpace.of(guard.engine.prefix, "acme").counter(
+    key = KeySpace.of(guard.calls.prefix, "acme").counter(
         "ai_tokens", reservation.ticket.period.key
     )
     plain.delete(key)
     plain.hset(key, "operator", "typo")  # WRONGTYPE for the script
-    monkeypatch.setattr(_runtime.Failures, "reraise_unexpected", False)
+    monkeypatch.setattr(failures_module.Failures, "reraise_unexpected", False)
     assert reservation.settle(1) is False
-    assert (guard.settler.pending, guard.engine.failures.unsettled) == (0, 1)
+    assert (guard.settler.pending, guard.failures.unsettled) == (0, 1)
 
 
 def test_one_settle_that_keeps_failing_holds_up_no_other() -> None:
@@ -136,7 +137,7 @@ def test_one_settle_that_keeps_failing_holds_up_no_other() -> None:
             raise outage()
         landed.append(call)
 
-    settler = Settler(run, _runtime.Failures())
+    settler = Settler(run, failures_module.Failures())
     settler.defer("on a dead node")
     settler.defer("on a healthy node")
     wait_for(lambda: landed == ["on a healthy node"], what="the healthy settle")
@@ -144,7 +145,7 @@ def test_one_settle_that_keeps_failing_holds_up_no_other() -> None:
 
 
 def test_close_waits_for_the_attempt_in_flight_and_counts_only_what_did_not_land() -> None:
-    failures = _runtime.Failures()
+    failures = failures_module.Failures()
     started = threading.Event()
 
     def slow_then_lands(call: str) -> None:
@@ -161,7 +162,7 @@ def test_a_forked_child_starts_with_no_queued_settles() -> None:
     def always_down(call: str) -> None:
         raise outage()
 
-    settler = Settler(always_down, _runtime.Failures())
+    settler = Settler(always_down, failures_module.Failures())
     settler.defer("settle")
     pid = os.fork()
     if pid == 0:  # the child: nothing queued, nothing retried
@@ -176,12 +177,12 @@ def test_the_process_exit_drains_what_is_queued_and_says_what_was_lost() -> None
     script = """
 import logging
 from redis import ConnectionError
-from usage_guard import BackendUnavailable, _runtime, settling
+from usage_guard import BackendUnavailable, failures, settling
 logging.basicConfig()
 settling.EXIT_TIMEOUT = 0.2
 def down(call):
     raise BackendUnavailable("down") from ConnectionError("refused")
-settling.Settler(down, _runtime.Failures()).defer("settle")
+settling.Settler(down, failures.Failures()).defer("settle")
 """
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=30

@@ -31,7 +31,7 @@ class Delivered(list[ThresholdEvent]):
         self.guard = guard
 
     def _delivered(self) -> None:
-        assert self.guard.engine.events.drain(5) == 0
+        assert self.guard.runtime.events.drain(5) == 0
 
     def __eq__(self, other: object) -> bool:
         self._delivered()
@@ -234,7 +234,7 @@ def test_thresholds_fire_exactly_once_across_processes(
         start = manager.Event()
         with context.Pool(4) as pool:
             runs = [
-                pool.apply_async(consume_one_by_one, (storage_url, guard.engine.prefix, 15, start))
+                pool.apply_async(consume_one_by_one, (storage_url, guard.calls.prefix, 15, start))
                 for _ in range(4)
             ]
             start.set()

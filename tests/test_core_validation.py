@@ -120,7 +120,7 @@ def test_bad_input_never_reaches_an_unreachable_backend(
     guard = UsageGuard.from_url("redis://127.0.0.1:1/0", plans=PLANS, default_plan="free")
     with pytest.raises(error):
         call(guard)
-    assert guard.engine.backend_errors == 0
+    assert guard.failures.backend_errors == 0
     guard.close()
 
 
@@ -129,7 +129,7 @@ def stored(guard: UsageGuard) -> dict[str, Any]:
     client = raw_client(guard)
     return {
         key: client.hgetall(key) if client.type(key) == "hash" else client.get(key)
-        for key in client.keys(f"{guard.engine.prefix}:*")
+        for key in client.keys(f"{guard.calls.prefix}:*")
     }
 
 

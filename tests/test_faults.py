@@ -14,7 +14,7 @@ half second, so each one's cap is fought over while the fault happens. Asserted:
   counter read afterwards with a plain client agrees;
 - recovery within 1 s of the server answering again, without restarting anything;
 - the outage logged (an ERROR while failing, a WARNING "reachable again" after the
-  last ERROR) and counted (``guard.engine.backend_errors``).
+  last ERROR) and counted (``guard.failures.backend_errors``).
 
 ``pytest -s`` prints one line of figures per scenario and the whole table at the end.
 """
@@ -233,7 +233,7 @@ class Run:
     mode: str
     load: Load
     timeline: Timeline
-    #: ``guard.engine.backend_errors`` when the fault began and after the run.
+    #: ``guard.failures.backend_errors`` when the fault began and after the run.
     errors_before: int
     errors_after: int
     records: list[logging.LogRecord]
@@ -265,10 +265,10 @@ def exercise(
         load = make_load(mode, guard)
         with load:
             time.sleep(WARM_UP)
-            errors_before = guard.engine.backend_errors
+            errors_before = guard.failures.backend_errors
             timeline = fault()
             time.sleep(AFTER)
-        errors_after = guard.engine.backend_errors
+        errors_after = guard.failures.backend_errors
     finally:
         guard.close()
     gc.collect()  # an unclosed socket warns here, in the test that leaked it
@@ -439,12 +439,12 @@ def judge(run: Run) -> None:
         if not any(r.created >= last_error for r in back_again):
             problems.append('no WARNING "reachable again" after the last ERROR')
         if counted <= 0:
-            problems.append(f"guard.engine.backend_errors did not grow ({run.errors_after})")
+            problems.append(f"guard.failures.backend_errors did not grow ({run.errors_after})")
     else:
         if errors:
             problems.append(f"{len(errors)} ERRORs logged: {errors[0].getMessage()}")
         if counted:
-            problems.append(f"guard.engine.backend_errors grew by {counted}")
+            problems.append(f"guard.failures.backend_errors grew by {counted}")
 
     caps = list(admitted.values())
     row = Row(

@@ -102,7 +102,7 @@ def test_rate_limits_fail_open_when_redis_is_down(
     # Neither the short-window limits nor the monthly quota can be asked: the quota's
     # policy (allow, by default) decides, and nothing answers a 500.
     assert [client.get("/", headers=ACME).status_code for _ in range(5)] == [200] * 5
-    assert guard.engine.backend_errors >= 5
+    assert guard.failures.backend_errors >= 5
     client.portal.call(app.rate_limits.aclose)  # type: ignore[union-attr]
     guard.close()
 
@@ -143,6 +143,6 @@ def test_a_hung_redis_holds_a_rate_limited_request_no_longer_than_the_timeout(
             assert time.monotonic() - started < timeout + 0.5
     finally:
         os.kill(redis_process.process.pid, signal.SIGCONT)
-    assert guard.engine.backend_errors == 2
+    assert guard.failures.backend_errors == 2
     limits.close()
     guard.close()

@@ -16,7 +16,7 @@ from .context import current_subject, subject
 if TYPE_CHECKING:
     __version__: str
 
-    from .aio import AsyncReservation, AsyncUsageGuard
+    from .aio import AsyncUsageGuard
     from .asgi import UsageGuardMiddleware
     from .catalog import DEFAULT_CATALOG, Catalog, Metric
     from .dashboard import usage_app
@@ -36,16 +36,17 @@ if TYPE_CHECKING:
         UsageGuardError,
         UsageLimitExceeded,
     )
-    from .guard import Reservation, UsageGuard
+    from .guard import UsageGuard
     from .periods import Period
     from .plans import Plan
     from .report import Report
+    from .reservations import AsyncReservation, Reservation
     from .subject import Subject
     from .usage import MeterUsage, PersonalUsage, Usage
 
 #: Where each public name lives.
 _EXPORTS = {
-    "AsyncReservation": "aio",
+    "AsyncReservation": "reservations",
     "AsyncUsageGuard": "aio",
     "UsageGuardMiddleware": "asgi",
     "DEFAULT_CATALOG": "catalog",
@@ -67,7 +68,7 @@ _EXPORTS = {
     "UnknownPlan": "errors",
     "UsageGuardError": "errors",
     "UsageLimitExceeded": "errors",
-    "Reservation": "guard",
+    "Reservation": "reservations",
     "UsageGuard": "guard",
     "Period": "periods",
     "Plan": "plans",

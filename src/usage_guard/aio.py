@@ -1,4 +1,4 @@
-"""AsyncUsageGuard: the same core as UsageGuard, with asyncio I/O."""
+"""AsyncUsageGuard: the same calls as UsageGuard, each one awaited round trip."""
 
 from __future__ import annotations
 
@@ -7,21 +7,17 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from ._core import (
-    Amounts,
-    Call,
-    Engine,
-    ReservationBase,
-    Ticket,
-    cancel_failed,
-)
+from .calls import Amounts, Call, Calls
 from .catalog import Catalog
 from .decision import Decision
 from .errors import BackendUnavailable, CorruptedCounter
+from .failures import Failures
 from .health import PROBES, Health, assess
 from .listeners import Listener
 from .report import Report
-from .storage import AsyncScriptRunner, Backend
+from .reservations import AsyncReservation
+from .runtime import Runtime
+from .storage import Backend
 from .usage import Usage
 
 if TYPE_CHECKING:
@@ -44,8 +40,11 @@ class AsyncUsageGuard:
     (same arguments); ``aguard.sync`` is the blocking twin.
     """
 
-    def __init__(self, engine: Engine, backend: Backend, *, sync: UsageGuard) -> None:
-        self.engine = engine
+    def __init__(
+        self, calls: Calls, runtime: Runtime, backend: Backend, *, sync: UsageGuard
+    ) -> None:
+        self.calls = calls
+        self.runtime = runtime
         self.backend = backend
         self.sync = sync
 
@@ -62,22 +61,20 @@ class AsyncUsageGuard:
 
     @property
     def catalog(self) -> Catalog:
-        return self.engine.catalog
+        return self.calls.catalog
+
+    @property
+    def failures(self) -> Failures:
+        """The :attr:`UsageGuard.failures <usage_guard.UsageGuard.failures>` both twins share."""
+        return self.runtime.failures
 
     async def _run(self, call: Call[T]) -> T:
-        failures = self.engine.failures
-        failed_before = failures.backend_errors
+        failures_before = self.runtime.failures.backend_errors
         try:
-            runner: AsyncScriptRunner = self.backend.aio()
-            reply = await runner.run(call.script, call.keys, call.args)
+            reply = await self.backend.aio().run(call.script, call.keys, call.args)
         except Exception as error:  # what it means is for the error table to say
-            return self.engine.failed(call, error)
-        if failures.failing:
-            failures.recovered(failed_before)
-        result, events = call.parse(reply)
-        if events:
-            self.engine.events.publish(events)
-        return result
+            return self.runtime.failed(call, error)
+        return self.runtime.completed(call, reply, failures_before)
 
     @overload
     async def consume(
@@ -110,7 +107,7 @@ class AsyncUsageGuard:
         """Count ``amount`` of ``metric`` (or every amount of a mapping, all or nothing)
         if it fits the org limit and the user's personal budget."""
         return await self._run(
-            self.engine.consume(org, metric, amount, user=user, idempotency_key=idempotency_key)
+            self.calls.consume(org, metric, amount, user=user, idempotency_key=idempotency_key)
         )
 
     @overload
@@ -123,7 +120,7 @@ class AsyncUsageGuard:
         self, org: str, metric: str | Amounts, amount: int = 1, *, user: str | None = None
     ) -> Decision:
         """The decision ``consume`` would take, counting nothing."""
-        return await self._run(self.engine.consume(org, metric, amount, user=user, check=True))
+        return await self._run(self.calls.consume(org, metric, amount, user=user, check=True))
 
     @overload
     async def reserve(
@@ -150,7 +147,7 @@ class AsyncUsageGuard:
     ) -> AsyncReservation:
         """Hold an estimate now; ``settle(actual)`` or ``cancel()`` it within ``ttl``
         seconds (default: the guard's ``reservation_ttl``), after which it is refunded."""
-        call, ticket = self.engine.reserve(org, metric, amount, user=user, ttl=ttl)
+        call, ticket = self.calls.reserve(org, metric, amount, user=user, ttl=ttl)
         return AsyncReservation(self, await self._run(call), ticket)
 
     @overload
@@ -159,31 +156,31 @@ class AsyncUsageGuard:
     async def release(self, org: str, metric: Amounts) -> None: ...
     async def release(self, org: str, metric: str | Amounts, amount: int = 1) -> None:
         """Lower a cumulative metric (never below 0); unchecked."""
-        await self._run(self.engine.adjust(org, metric, amount, "release"))
+        await self._run(self.calls.adjust(org, metric, amount, "release"))
 
     async def set_usage(self, org: str, metric: str, value: int) -> None:
         """Reconcile a cumulative metric to ``value``; unchecked."""
-        await self._run(self.engine.adjust(org, metric, value, "set"))
+        await self._run(self.calls.adjust(org, metric, value, "set"))
 
     async def assign_plan(self, org: str, plan: str | None) -> None:
         """Put an org on a configured plan (``None``: the default plan); clears its overrides."""
-        await self._run(self.engine.assign_plan(org, plan))
+        await self._run(self.calls.assign_plan(org, plan))
 
     async def set_limit(self, org: str, metric: str, limit: int | None) -> None:
         """Override one limit for one org (``None``: unlimited)."""
-        await self._run(self.engine.set_limit(org, metric, limit))
+        await self._run(self.calls.set_limit(org, metric, limit))
 
     async def remove_limit(self, org: str, metric: str) -> None:
         """Drop an override: the org's plan decides again."""
-        await self._run(self.engine.remove_limit(org, metric))
+        await self._run(self.calls.remove_limit(org, metric))
 
     async def set_budget(self, org: str, user: str, metric: str, budget: int | None) -> None:
         """A user's monthly personal budget of a personal metric (``None`` removes it)."""
-        await self._run(self.engine.set_budget(org, user, metric, budget))
+        await self._run(self.calls.set_budget(org, user, metric, budget))
 
     def on_threshold(self, listener: Listener) -> Listener:
         """Register a listener (sync or async) for both twins."""
-        self.engine.listeners.append(listener)
+        self.runtime.listeners.append(listener)
         return listener
 
     def metered(
@@ -215,7 +212,7 @@ class AsyncUsageGuard:
 
     async def usage(self, org: str, user: str | None = None) -> Usage:
         """Every meter of an org (and a user's personal meters), with history: one round trip."""
-        return await self._run(self.engine.usage(org, user))
+        return await self._run(self.calls.usage(org, user))
 
     async def report(self, org: str, user: str | None = None) -> Report:
         """The Usage page's data (``.to_dict()`` is its JSON): one round trip."""
@@ -227,7 +224,7 @@ class AsyncUsageGuard:
         """The async :meth:`UsageGuard._refund <usage_guard.UsageGuard._refund>`."""
         if admitted.scope != "unavailable":
             with contextlib.suppress(BackendUnavailable):
-                await self._run(self.engine.refund(org, amounts, user, admitted))
+                await self._run(self.calls.refund(org, amounts, user, admitted))
 
     async def _settle(self, call: Call[bool]) -> bool:
         try:
@@ -238,7 +235,7 @@ class AsyncUsageGuard:
     async def aclose(self, *, timeout: float = 5.0) -> None:
         """Close this event loop's connection, after up to ``timeout`` seconds for settles
         and threshold events still queued (waited for in a thread, not on the loop)."""
-        if self.sync.settler.pending or self.engine.events.pending:
+        if self.sync.settler.pending or self.runtime.events.pending:
             await asyncio.to_thread(self.sync._drain, timeout)
         await self.backend.aclose()
 
@@ -247,33 +244,3 @@ class AsyncUsageGuard:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-
-class AsyncReservation(ReservationBase):
-    """The asyncio form of :class:`~usage_guard.guard.Reservation`."""
-
-    def __init__(self, guard: AsyncUsageGuard, decision: Decision, ticket: Ticket) -> None:
-        super().__init__(decision, ticket, guard.engine)
-        self.guard = guard
-
-    async def settle(self, actual: int | Amounts) -> bool:
-        """Adjust the counters by ``actual - estimate``; retried in the background during
-        an outage. False if already done."""
-        call = self._closing(self.guard.engine.settle(self.ticket, actual))
-        return call is not None and await self.guard._settle(call)
-
-    async def cancel(self) -> bool:
-        """Refund the estimate; retried like settle. False if already done."""
-        call = self._closing(self.guard.engine.settle(self.ticket, None))
-        return call is not None and await self.guard._settle(call)
-
-    async def __aenter__(self) -> AsyncReservation:
-        return self
-
-    async def __aexit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
-        """An exception in the block cancels the reservation; a failed cancel never hides it."""
-        if error is not None:
-            try:
-                await self.cancel()
-            except Exception as failed:
-                cancel_failed(failed)

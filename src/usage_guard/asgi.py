@@ -189,7 +189,7 @@ class UsageGuardMiddleware:
         self.guard = guard
         self.aguard = guard if isinstance(guard, AsyncUsageGuard) else guard.aio
         self.catalog = self.aguard.catalog
-        self.engine = self.aguard.engine
+        self.calls = self.aguard.calls
         self.identify = identify
         self._identify_scope: Callable[[Scope], Identity] | None = getattr(
             identify, "from_scope", None
@@ -266,7 +266,7 @@ class UsageGuardMiddleware:
         return amounts
 
     def _denial(self, decision: Decision) -> Problem:
-        return quota_exceeded(decision, self.catalog, self.engine.clock(), status=self.status_code)
+        return quota_exceeded(decision, self.catalog, self.calls.clock(), status=self.status_code)
 
     async def _start_up(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Ping Redis as the server starts: a misconfiguration fails start-up, an
@@ -301,7 +301,7 @@ class UsageGuardMiddleware:
         ``raise_for_status()`` inside it) counts nothing: what was metered is taken back."""
         extra: list[tuple[bytes, bytes]] = []
         if self.ratelimit_headers and decision is not None:
-            extra = raw_policy_fields(decision, self.catalog, self.engine.timestamp())
+            extra = raw_policy_fields(decision, self.catalog, self.calls.timestamp())
         started = refused = False
 
         async def send_with_fields(message: Message) -> None:
@@ -321,7 +321,7 @@ class UsageGuardMiddleware:
         except (UsageLimitExceeded, Unidentified, InvalidUsage) as error:
             if started:
                 raise
-            problem = answer(error, self.catalog, self.engine.clock(), status=self.status_code)
+            problem = answer(error, self.catalog, self.calls.clock(), status=self.status_code)
             refused = isinstance(error, UsageLimitExceeded)
             await _send_problem(problem, send)
         finally:

@@ -201,7 +201,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> None:
     url = _redacted(args.url or os.environ.get("USAGE_GUARD_URL", ""))
     try:
         if args.command == "show":
-            if not guard.engine.plans.names:
+            if not guard.calls.plans.names:
                 print(
                     "usage-guard: warning: no plans given (--plans or USAGE_GUARD_PLANS): "
                     "limits shown are the org's own overrides only",

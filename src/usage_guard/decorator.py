@@ -13,8 +13,8 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 import wrapt
 
-from ._core import check_reservation_ttl
 from .aio import AsyncUsageGuard
+from .calls import check_reservation_ttl
 from .context import AnyGuard, current_guard, current_subject
 from .errors import InvalidUsage, NotBound, Unidentified
 from .guard import UsageGuard

@@ -70,7 +70,7 @@ def install(app: FastAPI, *, guard: AnyGuard, identify: Identify, **options: Any
 
     async def problem_response(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, (UsageLimitExceeded, Unidentified, InvalidUsage))
-        problem = answer(exc, aguard.catalog, aguard.engine.clock(), status=status)
+        problem = answer(exc, aguard.catalog, aguard.calls.clock(), status=status)
         headers = dict(problem.headers)
         return Response(problem.body, status_code=problem.status, headers=headers)
 

@@ -142,7 +142,7 @@ class UsageGuardFlask:
             and "ratelimit" not in response.headers
         ):
             for name, value in policy_fields(
-                decision, self.guard.catalog, self.guard.engine.clock()
+                decision, self.guard.catalog, self.guard.calls.clock()
             ):
                 response.headers[name] = value
         return response
@@ -153,11 +153,11 @@ class UsageGuardFlask:
             unbind(token)
 
     def _answer(self, error: AnsweredError) -> Response:
-        now = self.guard.engine.clock()
+        now = self.guard.calls.clock()
         return _response(answer(error, self.guard.catalog, now, status=self.status_code))
 
     def _problem(self, decision: Decision) -> Problem:
-        now = self.guard.engine.clock()
+        now = self.guard.calls.clock()
         return quota_exceeded(decision, self.guard.catalog, now, status=self.status_code)
 
 

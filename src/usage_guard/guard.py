@@ -1,4 +1,4 @@
-"""UsageGuard: the core plus one blocking round trip per operation."""
+"""UsageGuard: calls built by :mod:`usage_guard.calls`, each one blocking round trip."""
 
 from __future__ import annotations
 
@@ -8,25 +8,20 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, overload
 
-from ._core import (
-    Amounts,
-    BackendErrorPolicy,
-    Call,
-    Engine,
-    ReservationBase,
-    Ticket,
-    cancel_failed,
-)
+from .calls import Amounts, Call, Calls
 from .catalog import DEFAULT_CATALOG, Catalog
 from .decision import Decision
-from .errors import BackendUnavailable, CorruptedCounter
+from .errors import BackendUnavailable, CorruptedCounter, InvalidUsage
+from .failures import Failures
 from .health import PROBES, Health, assess
 from .listeners import Listener
 from .periods import Clock
 from .plans import Plan
 from .report import Report
+from .reservations import Reservation
+from .runtime import BackendErrorPolicy, Runtime
 from .settling import Settler
-from .storage import Backend, ScriptRunner
+from .storage import Backend
 from .usage import Usage
 
 if TYPE_CHECKING:
@@ -62,12 +57,15 @@ class UsageGuard:
     is its asyncio twin (same plans, clock, listeners and storage).
     """
 
-    def __init__(self, engine: Engine, backend: Backend) -> None:
-        self.engine = engine
+    def __init__(self, calls: Calls, runtime: Runtime, backend: Backend) -> None:
+        #: The configuration (plans, catalog, clock, prefix) and the calls built from it.
+        self.calls = calls
+        #: Failures, the outage policy and the threshold listeners.
+        self.runtime = runtime
         self.backend = backend
         self._aio: AsyncUsageGuard | None = None
         #: Settles and cancels that met an outage, retried until they land.
-        self.settler = Settler(self._run, engine.failures)
+        self.settler = Settler(self._run, runtime.failures)
 
     @classmethod
     def from_url(
@@ -99,44 +97,47 @@ class UsageGuard:
         holds its estimate unless ``reserve(..., ttl=)`` says otherwise.
         A URL the client cannot use raises :class:`InvalidUsage` here.
         """
-        engine = Engine(
+        if not isinstance(catalog, Catalog):
+            raise InvalidUsage("catalog must be a Catalog")
+        runtime = Runtime(catalog, on_backend_error)
+        calls = Calls(
+            unavailable=runtime.unavailable,
             plans=plans,
             default_plan=default_plan,
             catalog=catalog,
             clock=clock,
             prefix=prefix,
             history_months=history_months,
-            on_backend_error=on_backend_error,
             reservation_ttl=reservation_ttl,
         )
-        return cls(engine, Backend(url, timeout=timeout, max_connections=max_connections))
+        backend = Backend(url, timeout=timeout, max_connections=max_connections)
+        return cls(calls, runtime, backend)
 
     @property
     def aio(self) -> AsyncUsageGuard:
         if self._aio is None:
             from .aio import AsyncUsageGuard
 
-            self._aio = AsyncUsageGuard(self.engine, self.backend, sync=self)
+            self._aio = AsyncUsageGuard(self.calls, self.runtime, self.backend, sync=self)
         return self._aio
 
     @property
     def catalog(self) -> Catalog:
-        return self.engine.catalog
+        return self.calls.catalog
+
+    @property
+    def failures(self) -> Failures:
+        """What went wrong with Redis so far: ``backend_errors`` (outages and
+        misconfigurations), ``unexpected_errors``, ``unsettled``, ``dropped_events``."""
+        return self.runtime.failures
 
     def _run(self, call: Call[T]) -> T:
-        failures = self.engine.failures
-        failed_before = failures.backend_errors
+        failures_before = self.runtime.failures.backend_errors
         try:
-            runner: ScriptRunner = self.backend.sync()
-            reply = runner.run(call.script, call.keys, call.args)
+            reply = self.backend.sync().run(call.script, call.keys, call.args)
         except Exception as error:  # what it means is for the error table to say
-            return self.engine.failed(call, error)
-        if failures.failing:
-            failures.recovered(failed_before)
-        result, events = call.parse(reply)
-        if events:
-            self.engine.events.publish(events)
-        return result
+            return self.runtime.failed(call, error)
+        return self.runtime.completed(call, reply, failures_before)
 
     # -- metering ---------------------------------------------------------------------
 
@@ -171,7 +172,7 @@ class UsageGuard:
         """Count ``amount`` of ``metric`` (or every amount of a mapping, all or nothing)
         if it fits the org limit and the user's personal budget."""
         return self._run(
-            self.engine.consume(org, metric, amount, user=user, idempotency_key=idempotency_key)
+            self.calls.consume(org, metric, amount, user=user, idempotency_key=idempotency_key)
         )
 
     @overload
@@ -184,7 +185,7 @@ class UsageGuard:
         self, org: str, metric: str | Amounts, amount: int = 1, *, user: str | None = None
     ) -> Decision:
         """The decision ``consume`` would take, counting nothing."""
-        return self._run(self.engine.consume(org, metric, amount, user=user, check=True))
+        return self._run(self.calls.consume(org, metric, amount, user=user, check=True))
 
     @overload
     def reserve(
@@ -211,7 +212,7 @@ class UsageGuard:
     ) -> Reservation:
         """Count an estimate now; ``settle(actual)`` or ``cancel()`` it within ``ttl``
         seconds (default: the guard's ``reservation_ttl``), after which it is refunded."""
-        call, ticket = self.engine.reserve(org, metric, amount, user=user, ttl=ttl)
+        call, ticket = self.calls.reserve(org, metric, amount, user=user, ttl=ttl)
         decision = self._run(call)
         return Reservation(self, decision, ticket)
 
@@ -221,36 +222,36 @@ class UsageGuard:
     def release(self, org: str, metric: Amounts) -> None: ...
     def release(self, org: str, metric: str | Amounts, amount: int = 1) -> None:
         """Lower a cumulative metric (never below 0); unchecked."""
-        self._run(self.engine.adjust(org, metric, amount, "release"))
+        self._run(self.calls.adjust(org, metric, amount, "release"))
 
     def set_usage(self, org: str, metric: str, value: int) -> None:
         """Reconcile a cumulative metric to ``value``; unchecked."""
-        self._run(self.engine.adjust(org, metric, value, "set"))
+        self._run(self.calls.adjust(org, metric, value, "set"))
 
     # -- administration -----------------------------------------------------------------
 
     def assign_plan(self, org: str, plan: str | None) -> None:
         """Put an org on a configured plan (``None``: the default plan); clears its overrides."""
-        self._run(self.engine.assign_plan(org, plan))
+        self._run(self.calls.assign_plan(org, plan))
 
     def set_limit(self, org: str, metric: str, limit: int | None) -> None:
         """Override one limit for one org (``None``: unlimited)."""
-        self._run(self.engine.set_limit(org, metric, limit))
+        self._run(self.calls.set_limit(org, metric, limit))
 
     def remove_limit(self, org: str, metric: str) -> None:
         """Drop an override: the org's plan decides again."""
-        self._run(self.engine.remove_limit(org, metric))
+        self._run(self.calls.remove_limit(org, metric))
 
     def set_budget(self, org: str, user: str, metric: str, budget: int | None) -> None:
         """A user's monthly personal budget of a personal metric (``None`` removes it)."""
-        self._run(self.engine.set_budget(org, user, metric, budget))
+        self._run(self.calls.set_budget(org, user, metric, budget))
 
     def on_threshold(self, listener: Listener) -> Listener:
         """Call ``listener(event)`` when an org meter first reaches 80, 90 or 100 % in a period.
 
         Usable as a decorator; exceptions in listeners are logged, never raised.
         """
-        self.engine.listeners.append(listener)
+        self.runtime.listeners.append(listener)
         return listener
 
     def metered(
@@ -289,7 +290,7 @@ class UsageGuard:
 
     def usage(self, org: str, user: str | None = None) -> Usage:
         """Every meter of an org (and a user's personal meters), with history: one round trip."""
-        return self._run(self.engine.usage(org, user))
+        return self._run(self.calls.usage(org, user))
 
     def report(self, org: str, user: str | None = None) -> Report:
         """The Usage page's data (``.to_dict()`` is its JSON): one round trip."""
@@ -300,7 +301,7 @@ class UsageGuard:
         answered from inside the app). During an outage it stays counted (logged)."""
         if admitted.scope != "unavailable":  # else nothing was counted
             with contextlib.suppress(BackendUnavailable):
-                self._run(self.engine.refund(org, amounts, user, admitted))
+                self._run(self.calls.refund(org, amounts, user, admitted))
 
     def _settle(self, call: Call[bool]) -> bool:
         try:
@@ -318,47 +319,10 @@ class UsageGuard:
     def _drain(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         self.settler.drain(timeout)
-        self.engine.events.drain(max(0.0, deadline - time.monotonic()))
+        self.runtime.events.drain(max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> UsageGuard:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-class Reservation(ReservationBase):
-    """An estimate counted by :meth:`UsageGuard.reserve`. Settle or cancel it once.
-
-    A denied reservation (``not r.decision.allowed``) counted nothing: its
-    ``settle`` and ``cancel`` do nothing.
-    """
-
-    def __init__(self, guard: UsageGuard, decision: Decision, ticket: Ticket) -> None:
-        super().__init__(decision, ticket, guard.engine)
-        self.guard = guard
-
-    def settle(self, actual: int | Amounts) -> bool:
-        """Adjust the counters by ``actual - estimate`` (never denied). False if already done.
-
-        Never fails for an outage: the settle is then retried in the background
-        until Redis answers (and True is returned).
-        """
-        call = self._closing(self.guard.engine.settle(self.ticket, actual))
-        return call is not None and self.guard._settle(call)
-
-    def cancel(self) -> bool:
-        """Refund the estimate. False if already settled or cancelled; retried like settle."""
-        call = self._closing(self.guard.engine.settle(self.ticket, None))
-        return call is not None and self.guard._settle(call)
-
-    def __enter__(self) -> Reservation:
-        return self
-
-    def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
-        """An exception in the block cancels the reservation; a failed cancel never hides it."""
-        if error is not None:
-            try:
-                self.cancel()
-            except Exception as failed:
-                cancel_failed(failed)

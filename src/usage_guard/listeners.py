@@ -26,8 +26,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ._runtime import Failures
 from .decision import ThresholdEvent
+from .failures import Failures
 
 logger = logging.getLogger("usage_guard")
 

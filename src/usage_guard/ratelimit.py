@@ -44,15 +44,15 @@ class RateLimits:
 
     def __init__(self, guard: UsageGuard | AsyncUsageGuard, *, status_code: int = 429) -> None:
         self.guard = guard.sync if isinstance(guard, AsyncUsageGuard) else guard
-        engine = self.guard.engine
+        calls = self.guard.calls
         self.status_code = status_code
         self.by_plan: Mapping[str, Mapping[str, list[RateLimitItem]]] = {}
-        if any(plan.rate_limits for plan in engine.plans.by_name.values()):
+        if any(plan.rate_limits for plan in calls.plans.by_name.values()):
             from limits import parse_many
 
             self.by_plan = {
                 name: {metric: parse_many(text) for metric, text in plan.rate_limits.items()}
-                for name, plan in engine.plans.by_name.items()
+                for name, plan in calls.plans.by_name.items()
             }
         backend = self.guard.backend
         # limits names a unix socket redis+unix://.
@@ -62,7 +62,7 @@ class RateLimits:
             # The guard's timeout bounds these calls too, and nothing is retried: a retried
             # moving-window hit may count twice.
             options.update(
-                key_prefix=f"{engine.prefix}:rl",
+                key_prefix=f"{calls.prefix}:rl",
                 socket_timeout=backend.timeout,
                 socket_connect_timeout=backend.timeout,
             )
@@ -99,7 +99,7 @@ class RateLimits:
         return False, None
 
     def _remember(self, org: str, assigned: str | None) -> str | None:
-        plan = self.guard.engine.plans.effective(org, assigned)
+        plan = self.guard.calls.plans.effective(org, assigned)
         name = None if plan is None else plan.name
         if len(self._plans) >= PLAN_CACHE_SIZE:
             self._plans.clear()
@@ -110,14 +110,14 @@ class RateLimits:
         known, plan = self._cached_plan(org)
         if known:
             return plan
-        key = KeySpace(self.guard.engine.prefix, org).org
+        key = KeySpace(self.guard.calls.prefix, org).org
         return self._remember(org, self.guard.backend.sync().command("HGET", key, "plan"))
 
     async def _aplan(self, org: str) -> str | None:
         known, plan = self._cached_plan(org)
         if known:
             return plan
-        key = KeySpace(self.guard.engine.prefix, org).org
+        key = KeySpace(self.guard.calls.prefix, org).org
         return self._remember(org, await self.guard.backend.aio().command("HGET", key, "plan"))
 
     def _denied(self, metric: str, item: RateLimitItem, reset_time: float) -> Problem:
@@ -134,7 +134,7 @@ class RateLimits:
         try:
             return self._hit(org, metrics)
         except Exception as error:  # the error table decides what it means
-            self.guard.engine.failures.record(error)
+            self.guard.runtime.failures.record(error)
             return None
 
     async def ahit(self, org: str, metrics: Iterable[str]) -> Problem | None:
@@ -142,7 +142,7 @@ class RateLimits:
         try:
             return await self._ahit(org, metrics)
         except Exception as error:  # the error table decides what it means
-            self.guard.engine.failures.record(error)
+            self.guard.runtime.failures.record(error)
             return None
 
     def _hit(self, org: str, metrics: Iterable[str]) -> Problem | None:

@@ -27,8 +27,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ._runtime import Failures
 from .errors import BackendUnavailable, CorruptedCounter
+from .failures import Failures
 from .faults import Fault, classify
 
 logger = logging.getLogger("usage_guard")

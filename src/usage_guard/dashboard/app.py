@@ -196,7 +196,7 @@ def usage_app(
                 title=title,
                 admin=administrator,
                 base=_page_path(request),
-                plans=aguard.engine.plans.names,
+                plans=aguard.calls.plans.names,
                 catalog=aguard.catalog,
             ),
             headers={"Vary": "Accept"},

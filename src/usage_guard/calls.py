@@ -1,39 +1,34 @@
-"""The sans-I/O core: validates a request, builds its one script call, reads the reply.
+"""Pure call building: validates a request and builds its one script call.
 
-The sync and async guards only send a :class:`Call` and hand the reply back to
-``call.parse``; every rule lives here and in the Lua scripts.
+The sync and async guards send a :class:`Call` and hand its reply to ``call.parse``
+(see :mod:`usage_guard.replies`); when Redis fails, :mod:`usage_guard.runtime` answers
+by the call's ``fallback``. Every rule that is not Lua lives here and there.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Generic, Literal, TypeVar
 
-from ._runtime import Failures
 from .catalog import DEFAULT_CATALOG, Catalog, Metric
-from .decision import Decision, Scope, ThresholdEvent
-from .errors import BackendMisconfigured, BackendUnavailable, CorruptedCounter, InvalidUsage
-from .faults import DATA_REPLY, Fault, classify
+from .decision import Decision
+from .errors import InvalidUsage
 from .keys import KeySpace, budget_field, encode_id
-from .listeners import Dispatcher, Listener
 from .periods import Clock, Period, utc_now
 from .plans import UNLIMITED, Plan, Plans, admitted, check_limit, check_value
-from .usage import MeterUsage, PersonalUsage, Usage
-
-logger = logging.getLogger("usage_guard")
+from .replies import Events, Replies, nothing
+from .reservations import Ticket
+from .usage import Usage
 
 T = TypeVar("T")
 Amounts = Mapping[str, int]
-BackendErrorPolicy = Literal["allow", "deny"]
-
-
-Events = tuple[ThresholdEvent, ...]
+#: The outage policy's answer to a consumption: see :meth:`Runtime.unavailable`.
+Unavailable = Callable[[Sequence[tuple[Metric, int]], Period], Decision]
 
 
 @dataclass(slots=True)
@@ -68,80 +63,20 @@ class _Prepared:
     call: Call[Decision]
 
 
-@dataclass(frozen=True, slots=True)
-class Ticket:
-    """What settling or cancelling a reservation needs to find it again."""
-
-    id: str
-    org: str
-    user: str | None
-    period: Period
-    amounts: Amounts
-    #: When the estimate stops being held (ms since the epoch, by the guard's clock).
-    deadline: int
-
-
-class ReservationBase:
-    """What the sync and async reservations share: the decision and where to find it again."""
-
-    def __init__(self, decision: Decision, ticket: Ticket, engine: Engine) -> None:
-        self.decision = decision
-        self.ticket = ticket
-        self._engine = engine
-        #: Settled or cancelled (or handed to the background settler) by this object.
-        self.closed = False
-
-    @property
-    def _held(self) -> bool:
-        """Whether Redis may still hold the estimate for this object to settle or cancel."""
-        return self.decision.allowed and self.decision.scope != "unavailable" and not self.closed
-
-    @property
-    def open(self) -> bool:
-        """Whether the estimate is held: neither settled, cancelled nor expired yet."""
-        return self._held and self._engine.now()[2] < self.ticket.deadline
-
-    @property
-    def expires_at(self) -> datetime:
-        """When an estimate left open is refunded (by the guard's clock)."""
-        return datetime.fromtimestamp(self.ticket.deadline / 1000, timezone.utc)
-
-    def _closing(self, call: Call[bool]) -> Call[bool] | None:
-        """``call`` (a settle or cancel) if it is this reservation's to send, now closed;
-        None when there is nothing left to adjust. Expired reservations still send it:
-        Redis decides what a late settle or cancel does."""
-        if not self._held:
-            return None
-        self.closed = True
-        return call
-
-    @property
-    def estimate(self) -> Amounts:
-        """What was reserved, per metric: settling to it closes the reservation as counted."""
-        return self.ticket.amounts
-
-
-def cancel_failed(error: Exception) -> None:
-    """A cancel that failed while another exception was on its way: logged, never raised
-    in its place (the caller re-raises the original)."""
-    logger.error(
-        "usage_guard: could not cancel a reservation (%s: %s)", type(error).__name__, error
-    )
-
-
-class Engine:
-    """Configuration plus every rule that is not Lua. Shared by a guard and its twin."""
+class Calls:
+    """A guard's configuration and the calls it builds from it. Shared by a guard and its
+    twin; its only state is caches (the current period, prepared consumptions)."""
 
     def __init__(
         self,
         *,
+        unavailable: Unavailable,
         plans: Mapping[str, Plan] | None = None,
         default_plan: str | None = None,
         catalog: Catalog = DEFAULT_CATALOG,
         clock: Clock | None = None,
         prefix: str = "ug",
         history_months: int = 6,
-        on_backend_error: BackendErrorPolicy | Mapping[str, BackendErrorPolicy] = "allow",
         reservation_ttl: float = 900,
     ) -> None:
         if not isinstance(catalog, Catalog):
@@ -156,11 +91,8 @@ class Engine:
         self.prefix = prefix
         self.history_months = history_months
         self.reservation_ttl = check_reservation_ttl(reservation_ttl, "reservation_ttl")
-        self.deny_on_backend_error = self._backend_policy(on_backend_error)
-        self.listeners: list[Listener] = []
-        self.failures = Failures()
-        self.events = Dispatcher(self.listeners, self.failures)
-        self._warned_plans: set[tuple[str, str]] = set()
+        self.replies = Replies(catalog, self.plans)
+        self.unavailable = unavailable
         self._period_cache: tuple[Period, float, float, float] | None = None
         self._prepared: dict[tuple[str, str, str | None], _Prepared] = {}
         self._default_plan = default_plan or ""
@@ -180,22 +112,10 @@ class Engine:
                 spec += f"{plan.name}={limit}:{admitted(limit, percent)}:{first_threshold}\n"
         return spec
 
-    def _backend_policy(
-        self, policy: BackendErrorPolicy | Mapping[str, BackendErrorPolicy]
-    ) -> frozenset[str]:
-        """The metrics that fail closed."""
-        if isinstance(policy, str):
-            policy = dict.fromkeys((m.name for m in self.catalog), policy)
-        for metric, choice in policy.items():
-            self.catalog[metric]
-            if choice not in ("allow", "deny"):
-                raise InvalidUsage(f"on_backend_error[{metric!r}] must be 'allow' or 'deny'")
-        return frozenset(m for m, choice in policy.items() if choice == "deny")
-
     # -- time ---------------------------------------------------------------------------
 
     def timestamp(self) -> float:
-        """Now by the engine's clock, in seconds since the epoch."""
+        """Now by the guard's clock, in seconds since the epoch."""
         return time.time() if self.clock is utc_now else self.clock().timestamp()
 
     def now(self) -> tuple[Period, int, int]:
@@ -301,8 +221,8 @@ class Engine:
             "consume",
             keys,
             args,
-            lambda reply: self._decision(org, period, reply),
-            lambda: self._unavailable(items, period),
+            lambda reply: self.replies.decision(org, period, reply),
+            lambda: self.unavailable(items, period),
         )
 
     def _consume_one(self, org: str, metric: str, amount: int, user: str | None) -> Call[Decision]:
@@ -394,7 +314,10 @@ class Engine:
             counted=counted,
         )
         return Call(
-            "adjust", keys, args, lambda reply: self._adjusted(ticket.org, now[0], counted, reply)
+            "adjust",
+            keys,
+            args,
+            lambda reply: self.replies.adjusted(ticket.org, now[0], counted, reply),
         )
 
     def adjust(
@@ -408,7 +331,9 @@ class Engine:
                 )
         now = self.now()
         keys, args = self._script_args(KeySpace.of(self.prefix, org), None, items, now, mode)
-        return Call("adjust", keys, args, lambda reply: self._adjusted(org, now[0], now[0], reply))
+        return Call(
+            "adjust", keys, args, lambda reply: self.replies.adjusted(org, now[0], now[0], reply)
+        )
 
     def refund(
         self, org: str, amounts: Amounts, user: str | None, admitted: Decision
@@ -424,13 +349,15 @@ class Engine:
         )
         space = KeySpace.of(self.prefix, org)
         keys, args = self._script_args(space, user, items, now, "release", counted=counted)
-        return Call("adjust", keys, args, lambda reply: self._adjusted(org, now[0], counted, reply))
+        return Call(
+            "adjust", keys, args, lambda reply: self.replies.adjusted(org, now[0], counted, reply)
+        )
 
     # -- admin --------------------------------------------------------------------------
 
     def _admin(self, space: KeySpace, key: str, *args: str) -> Call[None]:
         keys = [space.org, key, space.reservations, space.held]
-        return Call("admin", keys, [self.now()[2], *args], _none)
+        return Call("admin", keys, [self.now()[2], *args], nothing)
 
     def assign_plan(self, org: str, plan: str | None) -> Call[None]:
         if plan is not None:
@@ -481,178 +408,11 @@ class Engine:
             "read",
             keys,
             [now_ms, len(strings), *budgets],
-            lambda reply: (self._usage(org, user, period, window, personal, strings, reply), ()),
+            lambda reply: (
+                self.replies.usage(org, user, period, window, personal, strings, reply),
+                (),
+            ),
         )
-
-    # -- replies ------------------------------------------------------------------------
-
-    def _decision(self, org: str, period: Period, reply: Any) -> tuple[Decision, Events]:
-        if reply[0] == 2:
-            name, scope, used, limit, quota, period_key, requested = reply[1].split("\t")
-            replayed = self._make_decision(
-                True,
-                name,
-                scope,
-                int(used),
-                int(limit),
-                int(quota),
-                Period.parse(period_key),
-                int(requested),
-                replayed=True,
-            )
-            return replayed, ()
-        if reply[6]:
-            self._warn_plan(org, reply[6])
-        decision = self._make_decision(
-            reply[0] == 1, reply[1], reply[2], reply[3], reply[4], reply[5], period, reply[7]
-        )
-        if len(reply) == 8:  # a denial: no other metrics, no events
-            return decision, ()
-        if reply[8]:
-            others = reply[8]
-            decision = replace(
-                decision,
-                others=tuple(
-                    self._make_decision(
-                        True,
-                        others[i],
-                        others[i + 1],
-                        others[i + 2],
-                        others[i + 3],
-                        others[i + 4],
-                        period,
-                        others[i + 5],
-                    )
-                    for i in range(0, len(others), 6)
-                ),
-            )
-        return decision, self._events(org, period, period, reply, 9)
-
-    def _make_decision(
-        self,
-        allowed: bool,
-        name: str,
-        scope: Scope,
-        used: int,
-        limit: int,
-        quota: int,
-        period: Period,
-        requested: int,
-        *,
-        replayed: bool = False,
-    ) -> Decision:
-        unlimited = quota < 0  # the scripts send -1 for "no limit"
-        # Positional arguments: this runs on every call.
-        return Decision(
-            allowed,
-            name,
-            scope,
-            used,
-            None if limit < 0 else limit,
-            None if unlimited else (quota - used if quota > used else 0),
-            period.end if self.catalog[name].monthly else None,
-            None if unlimited else quota,
-            replayed,
-            requested,
-        )
-
-    def _adjusted(
-        self, org: str, period: Period, counted: Period, reply: Any
-    ) -> tuple[bool, Events]:
-        return reply[0] == 1, self._events(org, period, counted, reply, 1)
-
-    def _events(self, org: str, period: Period, counted: Period, reply: Any, start: int) -> Events:
-        """The (name, threshold, used, limit) quadruples a script appended to its reply: a
-        monthly meter's in the period it was counted in, a cumulative one's now."""
-        if len(reply) <= start:
-            return ()
-        return tuple(
-            ThresholdEvent(
-                org,
-                reply[i],
-                reply[i + 1],
-                reply[i + 2],
-                reply[i + 3],
-                (counted if self.catalog[reply[i]].monthly else period).key,
-            )
-            for i in range(start, len(reply), 4)
-        )
-
-    def _warn_plan(self, org: str, plan: str) -> None:
-        if (org, plan) not in self._warned_plans:
-            self._warned_plans.add((org, plan))
-            self.plans.effective(org, plan)
-
-    def _usage(
-        self,
-        org: str,
-        user: str | None,
-        period: Period,
-        window: tuple[Period, ...],
-        personal: list[Metric],
-        counters: list[str],
-        reply: Any,
-    ) -> Usage:
-        org_hash = _pairs(reply[0])
-        counts = _counts(counters, reply[2])
-        for i, held in enumerate(reply[4]):  # estimates of open reservations count too
-            counts[i] += int(held or 0)
-        budgets, values, histories = reply[1], iter(counts), iter(reply[3])
-        plan = self.plans.effective(org, org_hash.get("plan"))
-        overrides = {
-            name[6:]: value for name, value in org_hash.items() if name.startswith("limit:")
-        }
-        meters: dict[str, MeterUsage] = {}
-        for m in self.catalog:
-            if m.monthly:
-                history = tuple(next(values) for _ in window)
-            else:
-                current = next(values)
-                history = _carried_forward(_pairs(next(histories)), window, current)
-            limit = self.plans.resolve(plan, overrides, m.name)
-            quota = None if limit is None else admitted(limit, self.catalog.percent_admitted(m))
-            meters[m.name] = MeterUsage(m.name, history[-1], limit, quota, history)
-        mine = {
-            m.name: PersonalUsage(m.name, next(values), None if budget is None else int(budget))
-            for m, budget in zip(personal, budgets, strict=True)
-        }
-        return Usage(org, user, None if plan is None else plan.name, period, window, meters, mine)
-
-    # -- outages ------------------------------------------------------------------------
-
-    def _unavailable(self, items: Sequence[tuple[Metric, int]], period: Period) -> Decision:
-        denying = [m for m, _ in items if m.name in self.deny_on_backend_error]
-        metric = denying[0] if denying else items[0][0]
-        return Decision(
-            allowed=not denying,
-            metric=metric.name,
-            scope="unavailable",
-            used=0,
-            limit=None,
-            remaining=None,
-            resets_at=period.end if metric.monthly else None,
-        )
-
-    @property
-    def backend_errors(self) -> int:
-        """Calls that failed for an outage or a misconfiguration of Redis."""
-        return self.failures.backend_errors
-
-    def failed(self, call: Call[T], error: Exception) -> T:
-        """Record a failed call; answer by the call's fallback (the outage policy)."""
-        if classify(error) is Fault.DATA:
-            key = str(error).removeprefix(DATA_REPLY).partition(" holds no integer")[0]
-            raise CorruptedCounter(key) from None
-        fault = self.failures.record(error)
-        if call.fallback is None:
-            if fault is Fault.MISCONFIGURED:
-                raise BackendMisconfigured(str(error)) from error
-            raise BackendUnavailable(str(error)) from error
-        return call.fallback()
-
-
-def _none(reply: Any) -> tuple[None, Events]:
-    return None, ()
 
 
 def check_reservation_ttl(ttl: object, name: str) -> float:
@@ -662,30 +422,3 @@ def check_reservation_ttl(ttl: object, name: str) -> float:
     if not 0 < ttl <= MAX_RESERVATION_TTL:  # NaN included
         raise InvalidUsage(f"{name} must be above 0 and at most 31 days ({ttl!r} seconds)")
     return float(ttl)
-
-
-def _counts(keys: Sequence[str], values: Sequence[str | None]) -> list[int]:
-    """The counters read, as ints (absent: 0); one that holds no integer is named."""
-    counts = []
-    for key, value in zip(keys, values, strict=True):
-        try:
-            counts.append(int(value or 0))
-        except ValueError:
-            raise CorruptedCounter(key) from None
-    return counts
-
-
-def _pairs(flat: Sequence[str]) -> dict[str, str]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
-def _carried_forward(
-    recorded: Mapping[str, str], window: tuple[Period, ...], current: int
-) -> tuple[int, ...]:
-    """Each period's last value: the newest one recorded at or before it, 0 before any."""
-    known = sorted((Period.parse(k), int(v)) for k, v in recorded.items())
-    values = []
-    for period in window[:-1]:
-        earlier = [value for at, value in known if at <= period]
-        values.append(earlier[-1] if earlier else 0)
-    return (*values, current)
