@@ -22,7 +22,7 @@ from scripted import ScriptedServer
 from usage_guard import BackendMisconfigured, BackendUnavailable, Plan, UsageGuard
 from usage_guard import failures as failures_module
 from usage_guard.faults import Fault, classify
-from usage_guard.wire import Endpoint, PipelinedScripts, SocketScripts
+from usage_guard.wire import Endpoint, MultiplexedScripts, SocketScripts
 
 PLANS = {"free": Plan("free", {"emails": 10, "ai_tokens": 1000})}
 
@@ -89,7 +89,7 @@ def test_the_lean_client_raises_what_redis_py_raises(
     assert (type(raised.value), str(raised.value)) == (type(expected), str(expected))
 
     async def on_one_connection() -> Exception:
-        runner = PipelinedScripts(endpoint)
+        runner = MultiplexedScripts(endpoint)
         try:
             await runner.command("GET", "k")
         except redis.RedisError as error:

@@ -22,7 +22,7 @@ from scripted import ScriptedServer
 from usage_guard import BackendMisconfigured, BackendUnavailable, InvalidUsage, Plan, UsageGuard
 from usage_guard.periods import Period, utc_now
 from usage_guard.storage import RedisScripts
-from usage_guard.wire import IDLE_SOCKETS, Endpoint, PipelinedScripts, SocketScripts, pack
+from usage_guard.wire import IDLE_SOCKETS, Endpoint, MultiplexedScripts, SocketScripts, pack
 
 PLANS = {"free": Plan("free", {"emails": 1_000_000, "ai_tokens": 1_000_000})}
 TIMEOUT = 0.3
@@ -58,7 +58,7 @@ def test_an_async_connection_that_timed_out_fails_its_calls_and_is_replaced(
     scripted: Callable[..., ScriptedServer],
 ) -> None:
     server = scripted(counting, late_first_reply)
-    runner = PipelinedScripts(endpoint(server.port))
+    runner = MultiplexedScripts(endpoint(server.port))
 
     async def scenario() -> list[Any]:
         try:
@@ -80,7 +80,7 @@ def test_an_unreadable_reply_is_a_connection_error(
     server = scripted(lambda c, n: b"!garbage\r\n")
     with pytest.raises(redis.ConnectionError):
         SocketScripts(endpoint(server.port)).command("PING")
-    runner = PipelinedScripts(endpoint(server.port))
+    runner = MultiplexedScripts(endpoint(server.port))
 
     async def ping() -> Any:
         try:
@@ -105,7 +105,7 @@ def test_error_replies_are_raised_and_leave_the_connection_in_use(
 
 def test_a_guard_runs_on_successive_event_loops(scripted: Callable[..., ScriptedServer]) -> None:
     server = scripted(counting)
-    runner = PipelinedScripts(endpoint(server.port))
+    runner = MultiplexedScripts(endpoint(server.port))
 
     async def ping(close: bool) -> Any:
         try:
@@ -149,7 +149,7 @@ def test_event_loops_in_two_threads_each_keep_their_connection(
     scripted: Callable[..., ScriptedServer],
 ) -> None:
     server = scripted(counting)
-    runner = PipelinedScripts(endpoint(server.port))
+    runner = MultiplexedScripts(endpoint(server.port))
     replies: dict[str, list[int]] = {}
 
     def thread(name: str) -> None:
@@ -339,7 +339,7 @@ def test_a_redis_that_stops_reading_gets_back_pressure_not_an_unbounded_buffer()
     deaf = socket.create_server(("127.0.0.1", 0))
     held: list[socket.socket] = []
     threading.Thread(target=lambda: held.append(deaf.accept()[0]), daemon=True).start()
-    runner = PipelinedScripts(endpoint(deaf.getsockname()[1]))
+    runner = MultiplexedScripts(endpoint(deaf.getsockname()[1]))
     value = "x" * 100_000
 
     async def flood() -> tuple[int, list[Any], float]:

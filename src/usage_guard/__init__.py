@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     )
     from .guard import UsageGuard
     from .periods import Period
-    from .plans import Plan
+    from .plans import Plan, load_plans
     from .report import Report
     from .reservations import AsyncReservation, Reservation
     from .subject import Subject
@@ -72,6 +72,7 @@ _EXPORTS = {
     "UsageGuard": "guard",
     "Period": "periods",
     "Plan": "plans",
+    "load_plans": "plans",
     "Report": "report",
     "Subject": "subject",
     "MeterUsage": "usage",
@@ -110,6 +111,7 @@ __all__ = [
     "UsageGuardMiddleware",
     "UsageLimitExceeded",
     "current_subject",
+    "load_plans",
     "metered",
     "subject",
     "usage_app",

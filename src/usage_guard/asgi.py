@@ -195,10 +195,10 @@ class UsageGuardMiddleware:
             identify, "from_scope", None
         )
         if meter is not None:
-            self.catalog[meter]
+            self.catalog.require(meter)
         self.rules = tuple(rules)
         for rule in self.rules:
-            self.catalog[rule.metric]
+            self.catalog.require(rule.metric)
         self.meter = meter
         self.amount = amount
         #: What every identified request consumes before rules add theirs (never mutated).

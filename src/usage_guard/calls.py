@@ -230,7 +230,7 @@ class Calls:
         built once per (org, metric, user) and month; a call sets only TTL and amount."""
         prepared = self._prepared.get((org, metric, user))
         if prepared is None:
-            self.catalog[metric]  # an unknown metric is named before a bad amount
+            self.catalog.require(metric)  # an unknown metric is named before a bad amount
         check_value(amount)
         period, ttl, now_ms = self.now()
         if prepared is None or prepared.period is not period:
@@ -366,13 +366,13 @@ class Calls:
         return self._admin(space, space.org, "assign", plan or "")
 
     def set_limit(self, org: str, metric: str, limit: int | None) -> Call[None]:
-        self.catalog[metric]
+        self.catalog.require(metric)
         stored = UNLIMITED if check_limit(limit) is None else str(limit)
         space = KeySpace.of(self.prefix, org)
         return self._admin(space, space.org, "set", f"limit:{metric}", stored)
 
     def remove_limit(self, org: str, metric: str) -> Call[None]:
-        self.catalog[metric]
+        self.catalog.require(metric)
         space = KeySpace.of(self.prefix, org)
         return self._admin(space, space.org, "unset", f"limit:{metric}")
 

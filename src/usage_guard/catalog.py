@@ -85,6 +85,10 @@ class Catalog:
         except (KeyError, TypeError):
             raise UnknownMetric(f"unknown metric {name!r}") from None
 
+    def require(self, name: str) -> Metric:
+        """The metric called ``name``; raises :class:`UnknownMetric` when there is none."""
+        return self[name]
+
     def __contains__(self, name: object) -> bool:
         return name in self._by_name
 

@@ -22,7 +22,6 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TextIO
 from urllib.parse import urlsplit, urlunsplit
 
@@ -32,7 +31,7 @@ from .errors import BackendUnavailable, InvalidUsage
 from .guard import UsageGuard
 from .keys import KeySpace, encode_id
 from .periods import Period, iso_utc, utc_now
-from .plans import Plan
+from .plans import Plan, load_plans
 from .report import MeterReport, PersonalMeterReport, Report
 
 EXIT_UNAVAILABLE = 1
@@ -61,28 +60,18 @@ def _redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def load_plans(path: str | None) -> tuple[dict[str, Plan], str | None]:
-    """Plans from a JSON file: ``{"default": name, "plans": {name: {metric: limit}}}``."""
-    if not path:
-        return {}, None
+def _plans(path: str | None) -> tuple[dict[str, Plan], str | None]:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        plans = {
-            name: Plan(name, dict(limits)) for name, limits in dict(data.get("plans", {})).items()
-        }
-        default = data.get("default")
-    except (OSError, ValueError, TypeError, AttributeError) as error:
-        raise CliError(f"cannot read plans from {path}: {error}") from None
-    if default is not None and not isinstance(default, str):
-        raise CliError(f"{path}: 'default' must be a plan name")
-    return plans, default
+        return load_plans(path) if path else ({}, None)
+    except InvalidUsage as error:
+        raise CliError(str(error)) from None
 
 
 def _guard(args: argparse.Namespace) -> UsageGuard:
     url = args.url or os.environ.get("USAGE_GUARD_URL")
     if not url:
         raise CliError("no storage URL: pass --url or set USAGE_GUARD_URL")
-    plans, default = load_plans(args.plans or os.environ.get("USAGE_GUARD_PLANS"))
+    plans, default = _plans(args.plans or os.environ.get("USAGE_GUARD_PLANS"))
     try:
         return UsageGuard.from_url(
             url, plans=plans, default_plan=default, prefix=args.prefix, timeout=args.timeout

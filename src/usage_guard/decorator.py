@@ -53,7 +53,7 @@ def metered(
     first call otherwise.
     """
     if guard is not None:
-        guard.catalog[metric]
+        guard.catalog.require(metric)
     if not callable(amount):
         check_value(amount)
     if cost is not None and not callable(cost):

@@ -66,7 +66,7 @@ class UsageGuardFlask:
         self.guard: UsageGuard = guard.sync if isinstance(guard, AsyncUsageGuard) else guard
         self.identify = identify
         if meter is not None:
-            self.guard.catalog[meter]
+            self.guard.catalog.require(meter)
         self.meter = meter
         self.amount = amount
         self.exclude = ExcludedPaths(exclude)

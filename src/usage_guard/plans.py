@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 from .catalog import Catalog
 from .errors import InvalidAmount, InvalidUsage, UnknownPlan
@@ -72,7 +76,7 @@ class Plans:
             if not isinstance(plan, Plan) or plan.name != key:
                 raise InvalidUsage(f"plans[{key!r}] must be a Plan named {key!r}")
             for metric in (*plan.limits, *plan.rate_limits):
-                catalog[metric]
+                catalog.require(metric)
         if default is not None and default not in self.by_name:
             raise UnknownPlan(f"default plan {default!r} is not among the plans")
         self.default = default
@@ -103,3 +107,39 @@ class Plans:
         if stored is not None:
             return None if stored == UNLIMITED else int(stored)
         return None if plan is None else plan.limit(metric)
+
+
+def load_plans(path: str | os.PathLike[str]) -> tuple[dict[str, Plan], str | None]:
+    """Plans and the default plan's name from a JSON file, for ``from_url(plans=...,
+    default_plan=...)`` and the ``usage-guard`` command::
+
+        {"default": "free",
+         "plans": {"free": {"ai_tokens": 50000, "emails": 500},
+                   "pro": {"limits": {"ai_tokens": 1000000, "api_calls": null},
+                           "rate_limits": {"api_calls": "20/second"}}}}
+
+    A plan is its limits, or an object with ``limits`` and ``rate_limits``. Anything
+    else raises :class:`InvalidUsage` naming the file.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not isinstance(data.get("plans", {}), dict):
+            raise InvalidUsage('expected {"default": ..., "plans": {name: plan}}')
+        plans = {name: _plan(name, plan) for name, plan in data.get("plans", {}).items()}
+        default = data.get("default")
+        if default is not None and not isinstance(default, str):
+            raise InvalidUsage("'default' must be a plan name")
+    except (OSError, ValueError) as error:  # InvalidUsage is a ValueError
+        raise InvalidUsage(f"cannot read plans from {os.fspath(path)}: {error}") from None
+    return plans, default
+
+
+def _plan(name: str, plan: Any) -> Plan:
+    if not isinstance(plan, dict):
+        raise InvalidUsage(f"plan {name!r} must be an object")
+    if "limits" in plan or "rate_limits" in plan:
+        limits, rate_limits = plan.get("limits", {}), plan.get("rate_limits", {})
+        if not isinstance(limits, dict) or not isinstance(rate_limits, dict):
+            raise InvalidUsage(f"plan {name!r}: limits and rate_limits must be objects")
+        return Plan(name, limits, rate_limits)
+    return Plan(name, plan)

@@ -20,7 +20,7 @@ class Requirement:
 
     def __init__(self, metric: str, amount: int = 1, *, guard: AnyGuard | None = None) -> None:
         if guard is not None:
-            guard.catalog[metric]
+            guard.catalog.require(metric)
         check_value(amount)
         self.metric = metric
         self.amount = amount

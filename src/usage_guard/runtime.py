@@ -42,7 +42,7 @@ class Runtime:
         if isinstance(policy, str):
             policy = dict.fromkeys((m.name for m in self.catalog), policy)
         for metric, choice in policy.items():
-            self.catalog[metric]
+            self.catalog.require(metric)
             if choice not in ("allow", "deny"):
                 raise InvalidUsage(f"on_backend_error[{metric!r}] must be 'allow' or 'deny'")
         return frozenset(m for m, choice in policy.items() if choice == "deny")

@@ -33,7 +33,7 @@ from redis.retry import Retry
 from .errors import InvalidUsage
 from .health import redacted
 from .scripts import SOURCES
-from .wire import Endpoint, PipelinedScripts, SocketScripts
+from .wire import Endpoint, MultiplexedScripts, SocketScripts
 
 #: Seconds before trying again a script whose slot is being migrated: the first wait,
 #: doubled each time up to the second.
@@ -306,7 +306,7 @@ class Backend:
     def aio(self) -> AsyncScriptRunner:
         if self._async is None:
             if self._endpoint is not None:
-                self._async = PipelinedScripts(self._endpoint)
+                self._async = MultiplexedScripts(self._endpoint)
             else:
                 self._async = AsyncRedisScripts(
                     self._async_client(), max_in_flight=self.max_connections, wait=self.timeout

@@ -8,7 +8,7 @@ command with ``hiredis.pack_command``, write it and parse the reply with a
 * :class:`SocketScripts` (sync) keeps a stack of idle blocking sockets, so
   threads never share one. A socket that failed or timed out is closed, never
   reused: a late reply would be read as the answer to the next call.
-* :class:`PipelinedScripts` (asyncio) multiplexes every task of an event loop
+* :class:`MultiplexedScripts` (asyncio) multiplexes every task of an event loop
   on one connection: commands are written as they come and replies resolve
   their callers in order, so concurrent calls share round trips instead of
   queueing for pooled connections.
@@ -330,7 +330,7 @@ class _Multiplexed(asyncio.Protocol):
             self._watchdog = self.loop.call_at(due, self._watch)
 
 
-class PipelinedScripts:
+class MultiplexedScripts:
     """Runs the package's scripts for every task of an event loop on one connection.
 
     Each event loop gets its own connection (a transport belongs to one loop), so
