@@ -26,9 +26,8 @@ from pydantic import BaseModel
 
 from usage_guard import Plan, UsageGuard, current_subject, metered
 from usage_guard.asgi import from_headers
+from usage_guard.demo import mount_usage_page
 from usage_guard.fastapi import install, require
-
-from .usage_page import mount_usage_page
 
 PLANS = {
     "free": Plan(

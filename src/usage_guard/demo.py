@@ -1,27 +1,43 @@
-"""``usage-guard demo``: the FastAPI example on ``memory://`` with a seeded organization.
+"""``usage-guard demo``: the Usage page of a seeded organization, on ``memory://``.
 
 The organization ``acme`` is on the ``pro`` plan with six months of history,
 personal budgets and meters in every colour, so its Usage page shows everything
 the page can show. Seeding runs the guard's own operations under a clock set
-to each past month; afterwards the clock is the real one.
+to each past month; afterwards the clock is the real one. The app (the page
+behind the middleware, and one metered AI endpoint) ships in the package, so
+the demo runs from an installed wheel (the ``demo`` extra: jinja2, uvicorn).
+
+Identity comes from ``X-Org-Id`` / ``X-User-Id`` headers and admin rights from
+``X-Admin: 1``. DEMO ONLY: a real application takes both from its own
+authentication and never trusts client headers for them. So that a plain
+browser can open the page, a request without ``X-Org-Id`` acts as the seeded
+organization's user ``alice``, an admin.
 """
 
 from __future__ import annotations
 
-import importlib
 import socket
-import sys
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from .aio import AsyncUsageGuard
+from .asgi import UsageGuardMiddleware, from_headers
+from .context import current_subject
+from .errors import InvalidUsage
 from .guard import UsageGuard
 from .periods import Period, utc_now
 from .plans import Plan
+from .subject import Subject
 
-#: The seeded organization and user (the example's usage_page.DEMO_SUBJECT opens them).
+#: The seeded organization and user: who a request without identity headers acts as.
 DEMO_ORG = "acme"
 DEMO_USER = "alice"
+DEMO_SUBJECT = Subject(DEMO_ORG, DEMO_USER)
 MOUNT_PATH = "/settings/usage/"
 
 DEMO_PLANS = {
@@ -138,19 +154,71 @@ def demo_guard(url: str = "memory://usage-guard-demo") -> UsageGuard:
     return guard
 
 
-def demo_app(guard: UsageGuard) -> Any:
-    """The FastAPI example app (``examples/fastapi_app``) on ``guard``."""
-    examples = Path(__file__).resolve().parents[2] / "examples"
-    if not (examples / "fastapi_app" / "app.py").is_file():
-        raise SystemExit(
-            "usage-guard demo runs examples/fastapi_app/app.py from a source checkout "
-            f"(not found under {examples})"
-        )
-    # The example is not part of the installed package: import it from the checkout.
-    if str(examples) not in sys.path:
-        sys.path.insert(0, str(examples))
-    module = importlib.import_module("fastapi_app.app")
-    return module.create_app(guard)
+class demo_identity(from_headers):
+    """``X-Org-Id`` / ``X-User-Id``, else ``fallback`` (the seeded org's ``alice``)."""
+
+    def __init__(self, fallback: Subject | None = DEMO_SUBJECT) -> None:
+        super().__init__()
+        self.fallback = fallback
+
+    def __call__(self, request: Request) -> Subject | None:
+        return super().__call__(request) or self.fallback
+
+    def from_scope(self, scope: Any) -> Subject | None:
+        return super().from_scope(scope) or self.fallback
+
+
+def mount_usage_page(
+    app: Starlette,
+    guard: UsageGuard | AsyncUsageGuard,
+    *,
+    fallback: Subject | None = DEMO_SUBJECT,
+    path: str = MOUNT_PATH.rstrip("/"),
+) -> None:
+    """Mount the Usage page of ``guard`` on ``app`` (FastAPI or Starlette) at ``path``,
+    with the demo's header identity: ``fallback`` (``None``: no one) administers it."""
+    from .dashboard import usage_app
+
+    def is_admin(request: Request, subject: Subject) -> bool:
+        if request.headers.get("x-admin") == "1":
+            return True
+        return fallback is not None and "x-org-id" not in request.headers
+
+    app.mount(path, usage_app(guard, identify=demo_identity(fallback), is_admin=is_admin))
+
+
+def demo_app(guard: UsageGuard) -> Starlette:
+    """The demo: ``/`` leads to the Usage page; ``POST /v1/ai/complete?max_tokens=N``
+    reserves N AI tokens and settles to the third it "uses" (a 429 once spent) and
+    counts one API call."""
+    aguard = guard.aio
+
+    async def complete(request: Request) -> Response:
+        who = current_subject()
+        assert who is not None  # the demo's identity always has one
+        try:
+            max_tokens = int(request.query_params.get("max_tokens", "256"))
+        except ValueError:
+            raise InvalidUsage("max_tokens must be an integer") from None
+        async with await aguard.reserve(who.org, "ai_tokens", max_tokens, user=who.user) as held:
+            held.decision.raise_for_status()
+            tokens = max(1, max_tokens // 3)
+            await held.settle(tokens)
+        return JSONResponse({"text": "A demo completion.", "tokens": tokens})
+
+    async def home(request: Request) -> Response:
+        return RedirectResponse(MOUNT_PATH)
+
+    app = Starlette(routes=[Route("/", home), Route("/v1/ai/complete", complete, methods=["POST"])])
+    mount_usage_page(app, guard)
+    # The page is the product's own UI, not an API call: it is not metered.
+    app.add_middleware(
+        UsageGuardMiddleware,
+        guard=guard,
+        identify=demo_identity(),
+        exclude=["/", MOUNT_PATH + "*"],
+    )
+    return app
 
 
 def run(host: str = "127.0.0.1", port: int = 8000) -> None:
