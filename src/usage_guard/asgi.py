@@ -12,14 +12,9 @@ request the guard rejects) a 422. Websocket and lifespan scopes pass untouched.
 from __future__ import annotations
 
 import inspect
-import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
 
 from starlette.requests import Request
-from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .aio import AsyncUsageGuard
@@ -38,118 +33,18 @@ from .problem import (
 )
 from .ratelimit import RateLimits
 from .subject import Subject
+from .web import ExcludedPaths, Identify, Identity, Rule, from_headers, from_state
+
+__all__ = [
+    "ExcludedPaths",
+    "Identify",
+    "Rule",
+    "UsageGuardMiddleware",
+    "from_headers",
+    "from_state",
+]
 
 PROBLEM_JSON_BYTES = PROBLEM_JSON.encode()
-Identity = Subject | None
-Identify = Callable[[Any], Identity | Awaitable[Identity]]
-
-
-class from_headers:
-    """Identify by request headers (``X-Org-Id`` / ``X-User-Id`` by default).
-
-    Trust client-supplied headers only behind a gateway that sets them. Works
-    with Starlette and Flask requests, and reads the raw ASGI scope in the middleware.
-    A header sent twice (or holding a comma, which is how WSGI servers join repeated
-    headers) is refused with :class:`~usage_guard.InvalidIdentifier`: a 400.
-    """
-
-    def __init__(self, org: str = "x-org-id", user: str | None = "x-user-id") -> None:
-        self.org = org.lower()
-        self.user = None if user is None else user.lower()
-        self._org_raw = self.org.encode("latin-1")
-        self._user_raw = None if self.user is None else self.user.encode("latin-1")
-
-    def __call__(self, request: Any) -> Identity:
-        org = _single(request.headers.getlist(self.org), self.org)
-        if org is None:
-            return None
-        user = None if self.user is None else _single(request.headers.getlist(self.user), self.user)
-        return Subject(org, user)
-
-    def from_scope(self, scope: Scope) -> Identity:
-        org = user = None
-        for name, value in scope["headers"]:
-            if name == self._org_raw:
-                if org is not None or b"," in value:
-                    raise _duplicate(self.org)
-                org = value
-            elif name == self._user_raw:
-                if user is not None or b"," in value:
-                    raise _duplicate(self.user)
-                user = value
-        return None if org is None else _subject_of(org, user)
-
-
-def _single(values: list[str], name: str) -> str | None:
-    if len(values) > 1 or (values and "," in values[0]):
-        raise _duplicate(name)
-    return values[0] if values else None
-
-
-def _duplicate(name: str | None) -> InvalidIdentifier:
-    # A gateway that appends instead of replacing: which org to charge is ambiguous. WSGI
-    # servers join repeated headers with commas (as HTTP allows), so a comma says the same.
-    return InvalidIdentifier(f"the request carries {name} more than once")
-
-
-@lru_cache(maxsize=4096)
-def _subject_of(org: bytes, user: bytes | None) -> Subject:
-    """The Subject of raw header values: the same few callers come again and again."""
-    return Subject(org.decode("latin-1"), None if user is None else user.decode("latin-1"))
-
-
-class from_state:
-    """Identify by attributes an authentication middleware set on ``request.state``."""
-
-    def __init__(self, org: str = "org_id", user: str | None = "user_id") -> None:
-        self.org = org
-        self.user = user
-
-    def __call__(self, request: Any) -> Identity:
-        return self.from_scope(request.scope)
-
-    def from_scope(self, scope: Scope) -> Identity:
-        return self._subject(scope.get("state") or {})
-
-    def _subject(self, state: Mapping[str, Any]) -> Identity:
-        org = state.get(self.org)
-        if org is None:
-            return None
-        return Subject(org, None if self.user is None else state.get(self.user))
-
-
-class ExcludedPaths:
-    """Paths an integration never meters: exact ones, and prefixes written with a trailing ``*``."""
-
-    def __init__(self, patterns: Iterable[str]) -> None:
-        patterns = tuple(patterns)
-        self.exact = frozenset(p for p in patterns if not p.endswith("*"))
-        self.prefixes = tuple(p[:-1] for p in patterns if p.endswith("*"))
-
-    def __contains__(self, path: str) -> bool:
-        return path in self.exact or bool(self.prefixes and path.startswith(self.prefixes))
-
-
-@dataclass(frozen=True)
-class Rule:
-    """Meter ``amount`` of ``metric`` on requests whose path matches ``path``.
-
-    ``path`` uses Starlette's route syntax (``/contacts/{id}``, ``/files/{rest:path}``);
-    ``methods`` limits the rule to some methods (all when empty).
-    """
-
-    path: str
-    metric: str
-    amount: int = 1
-    methods: frozenset[str] = field(default_factory=frozenset)
-    pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "methods", frozenset(m.upper() for m in self.methods))
-        object.__setattr__(self, "pattern", compile_path(self.path)[0])
-
-    def matches(self, method: str, path: str) -> bool:
-        return (not self.methods or method in self.methods) and bool(self.pattern.match(path))
 
 
 class UsageGuardMiddleware:

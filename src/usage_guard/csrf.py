@@ -21,11 +21,11 @@ and headers.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
 from .errors import InvalidUsage
+from .problem import Problem, client_error
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 JSON = "application/json"
@@ -36,15 +36,6 @@ class Headers(Protocol):
     """Case-insensitive header access, as Starlette, Werkzeug and Django offer it."""
 
     def get(self, key: str, /) -> str | None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """Why a request was refused: 403 (cross-site) or 415 (a body that is not JSON or a form)."""
-
-    status: int
-    title: str
-    detail: str
 
 
 def trusted(origins: Iterable[str]) -> frozenset[str]:
@@ -72,8 +63,9 @@ def media_type(headers: Headers) -> str:
     return (headers.get("content-type") or "").split(";")[0].strip().lower()
 
 
-def refusal(method: str, headers: Headers, trusted_origins: frozenset[str]) -> Refusal | None:
-    """``None`` when the request may change state, else why not."""
+def refusal(method: str, headers: Headers, trusted_origins: frozenset[str]) -> Problem | None:
+    """``None`` when the request may change state, else the answer: a 403 (cross-site) or
+    a 415 (a body that is not JSON or a form)."""
     if method.upper() in SAFE_METHODS:
         return None
     origin = headers.get("origin")
@@ -90,13 +82,13 @@ def refusal(method: str, headers: Headers, trusted_origins: frozenset[str]) -> R
         if not _same_host(origin, headers.get("host")):
             return _CROSS_SITE
     elif media != JSON and (method.upper() == "POST" or _has_body(headers)):
-        return Refusal(
+        return client_error(
             403,
             "Forbidden",
             "a request without Origin or Sec-Fetch-Site must send application/json",
         )
     if media not in (JSON, FORM) and (media or _has_body(headers)):
-        return Refusal(
+        return client_error(
             415,
             "Unsupported Media Type",
             "send application/json, or an HTML form (application/x-www-form-urlencoded)",
@@ -104,7 +96,7 @@ def refusal(method: str, headers: Headers, trusted_origins: frozenset[str]) -> R
     return None
 
 
-_CROSS_SITE = Refusal(403, "Forbidden", "cross-site requests cannot change usage settings")
+_CROSS_SITE = client_error(403, "Forbidden", "cross-site requests cannot change usage settings")
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}

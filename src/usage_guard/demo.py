@@ -26,13 +26,14 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from .aio import AsyncUsageGuard
-from .asgi import UsageGuardMiddleware, from_headers
+from .asgi import UsageGuardMiddleware
 from .context import current_subject
 from .errors import InvalidUsage
 from .guard import UsageGuard
 from .periods import Period, utc_now
 from .plans import Plan
 from .subject import Subject
+from .web import from_headers
 
 #: The seeded organization and user: who a request without identity headers acts as.
 DEMO_ORG = "acme"

@@ -21,11 +21,12 @@ from fastapi.routing import APIRoute
 from starlette.responses import Response
 
 from .aio import AsyncUsageGuard
-from .asgi import Identify, UsageGuardMiddleware
+from .asgi import UsageGuardMiddleware
 from .context import AnyGuard
 from .errors import InvalidUsage, Unidentified, UsageLimitExceeded
 from .problem import PROBLEM_JSON, QUOTA_EXCEEDED, answer
 from .requirement import Requirement, require
+from .web import Identify
 
 __all__ = ["QUOTA_RESPONSE", "Requirement", "install", "require"]
 

@@ -16,7 +16,6 @@ from typing import Any
 from flask import Flask, Response, g, request
 
 from .aio import AsyncUsageGuard
-from .asgi import ExcludedPaths
 from .context import AnyGuard, Binding, bind, unbind
 from .decision import Decision
 from .errors import InvalidIdentifier, InvalidUsage, Unidentified, UsageLimitExceeded
@@ -34,6 +33,7 @@ from .problem import (
 )
 from .ratelimit import RateLimits
 from .subject import Subject
+from .web import ExcludedPaths
 
 FlaskIdentify = Callable[[Any], Subject | None]
 EXTENSION = "usage_guard"

@@ -213,6 +213,19 @@ def client_error(status: int, title: str, detail_text: str) -> Problem:
     return _problem(status, [("content-type", PROBLEM_JSON)], body)
 
 
+class Refused(Exception):
+    """Raised while handling a request to answer it with ``problem``."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.body.decode())
+        self.problem = problem
+
+
+def refused(status: int, title: str, detail_text: str) -> Refused:
+    """``raise refused(422, "Invalid value", "...")``: a plain problem as an exception."""
+    return Refused(client_error(status, title, detail_text))
+
+
 #: What an application may let through, and every integration answers.
 AnsweredError = UsageLimitExceeded | Unidentified | InvalidUsage
 

@@ -38,11 +38,12 @@ from ..catalog import DEFAULT_CATALOG, Catalog
 from ..errors import BackendUnavailable, InvalidUsage
 from ..guard import UsageGuard
 from ..plans import MAX_VALUE
+from ..problem import Problem, Refused, client_error, refused
 from ..report import Report
 from ..subject import Subject
+from ..web import Identify as Identify  # re-exported by usage_guard.dashboard
 from . import charts, formatting
 
-Identify = Callable[[Request], "Subject | Awaitable[Subject | None] | None"]
 IsAdmin = Callable[[Request, Subject], "bool | Awaitable[bool]"]
 
 _TEMPLATES = jinja2.Environment(
@@ -65,24 +66,13 @@ _TEMPLATES.globals.update(chart=charts.chart)
 
 
 _BODY = "send a JSON object, or an HTML form (application/x-www-form-urlencoded)"
+UNAVAILABLE = client_error(
+    503, "Service unavailable", "usage data is unavailable, try again shortly"
+)
 
 
-class Problem(Exception):
-    """An error answered as ``application/problem+json``."""
-
-    def __init__(self, status: int, title: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.title = title
-        self.detail = detail
-
-    def response(self) -> Response:
-        body = {"type": "about:blank", "title": self.title, "status": self.status}
-        return JSONResponse(
-            {**body, "detail": self.detail},
-            status_code=self.status,
-            media_type="application/problem+json",
-        )
+def _response(problem: Problem) -> Response:
+    return Response(problem.body, status_code=problem.status, headers=dict(problem.headers))
 
 
 async def _resolve(value: Any) -> Any:
@@ -115,17 +105,17 @@ def _parse_value(raw: object, field: str) -> int | None:
         text = raw.strip().replace(",", "").replace("_", "")
         # More digits than 2**53-1 has would also exceed int()'s 4,300-digit limit.
         if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > len(str(MAX_VALUE)):
-            raise Problem(422, "Invalid value", f"{field} must be a whole number from 0 to 2**53-1")
+            raise refused(422, "Invalid value", f"{field} must be a whole number from 0 to 2**53-1")
         raw = int(text)
     if type(raw) is not int or not 0 <= raw <= MAX_VALUE:
-        raise Problem(422, "Invalid value", f"{field} must be a whole number from 0 to 2**53-1")
+        raise refused(422, "Invalid value", f"{field} must be a whole number from 0 to 2**53-1")
     return raw
 
 
 def _text(body: Mapping[str, object], field: str) -> str:
     value = body.get(field)
     if not isinstance(value, str) or not value:
-        raise Problem(422, "Invalid value", f"{field} must be a non-empty string")
+        raise refused(422, "Invalid value", f"{field} must be a non-empty string")
     return value
 
 
@@ -154,13 +144,13 @@ def usage_app(
     async def caller(request: Request) -> Subject:
         subject = await _resolve(identify(request))
         if not isinstance(subject, Subject):
-            raise Problem(401, "Unauthorized", "sign in to see your organization's usage")
+            raise refused(401, "Unauthorized", "sign in to see your organization's usage")
         return subject
 
     async def admin(request: Request) -> Subject:
         subject = await caller(request)
         if is_admin is None or not await _resolve(is_admin(request, subject)):
-            raise Problem(403, "Forbidden", "only an admin of this organization can do this")
+            raise refused(403, "Forbidden", "only an admin of this organization can do this")
         return subject
 
     async def body_of(request: Request) -> tuple[Mapping[str, object], bool]:
@@ -173,9 +163,9 @@ def usage_app(
                 return dict(fields), True
             parsed = json.loads(raw) if raw else {}
         except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
-            raise Problem(400, "Bad request", _BODY) from None
+            raise refused(400, "Bad request", _BODY) from None
         if not isinstance(parsed, dict):
-            raise Problem(400, "Bad request", _BODY)
+            raise refused(400, "Bad request", _BODY)
         return parsed, False
 
     def done(request: Request, from_form: bool, result: Mapping[str, object]) -> Response:
@@ -209,7 +199,7 @@ def usage_app(
         if plan == "":
             plan = None
         if plan is not None and not isinstance(plan, str):
-            raise Problem(422, "Invalid value", "plan must be a plan name or null")
+            raise refused(422, "Invalid value", "plan must be a plan name or null")
         await aguard.assign_plan(subject.org, plan)
         return done(request, from_form, {"plan": plan})
 
@@ -218,7 +208,7 @@ def usage_app(
         metric = request.path_params["metric"]
         body, from_form = await body_of(request)
         if "limit" not in body:
-            raise Problem(422, "Invalid value", "limit is required (null for unlimited)")
+            raise refused(422, "Invalid value", "limit is required (null for unlimited)")
         limit = _parse_value(body["limit"], "limit")
         await aguard.set_limit(subject.org, metric, limit)
         return done(request, from_form, {"metric": metric, "limit": limit})
@@ -244,7 +234,7 @@ def usage_app(
         user, metric = request.path_params["user"], request.path_params["metric"]
         body, from_form = await body_of(request)
         if "budget" not in body:
-            raise Problem(422, "Invalid value", "budget is required (null removes it)")
+            raise refused(422, "Invalid value", "budget is required (null removes it)")
         budget = _parse_value(body["budget"], "budget")
         await aguard.set_budget(subject.org, user, metric, budget)
         return done(request, from_form, {"user": user, "metric": metric, "budget": budget})
@@ -267,19 +257,17 @@ def usage_app(
         handler: Callable[[Request], Awaitable[Response]],
     ) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
-            refused = csrf.refusal(request.method, request.headers, origins)
-            if refused is not None:
-                return Problem(refused.status, refused.title, refused.detail).response()
+            cross_site = csrf.refusal(request.method, request.headers, origins)
+            if cross_site is not None:
+                return _response(cross_site)
             try:
                 return await handler(request)
-            except Problem as problem:
-                return problem.response()
+            except Refused as refusal:
+                return _response(refusal.problem)
             except InvalidUsage as error:
-                return Problem(422, "Invalid value", str(error)).response()
+                return _response(client_error(422, "Invalid value", str(error)))
             except BackendUnavailable:
-                return Problem(
-                    503, "Service unavailable", "usage data is unavailable, try again shortly"
-                ).response()
+                return _response(UNAVAILABLE)
 
         return endpoint
 
