@@ -6,10 +6,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from flask import Flask
+from flask import Flask, request
 
-from usage_guard import Plan, UsageGuard, current_subject, metered
-from usage_guard.asgi import from_headers
+from usage_guard import InvalidUsage, Plan, UsageGuard, current_subject, metered
+from usage_guard.asgi import Rule, from_headers
 from usage_guard.flask import UsageGuardFlask
 from usage_guard.problem import QUOTA_EXCEEDED
 
@@ -38,6 +38,8 @@ def build(guard: Any, **options: Any) -> tuple[Flask, UsageGuardFlask]:
 
     @app.post("/emails")
     def emails() -> Any:
+        if request.headers.get("x-skip-view"):  # the extension's rule alone meters it
+            return {"status": "metered"}
         return {"status": send_email()}
 
     @app.get("/health")
@@ -114,3 +116,60 @@ def test_the_async_guard_is_accepted_and_its_sync_side_used(guard: UsageGuard) -
     assert extension.guard is guard
     assert app.test_client().get("/", headers=ALICE).status_code == 200
     assert guard.usage("acme").meters["api_calls"].used == 1
+
+
+# -- at par with the ASGI middleware: rules, application factories ----------------------
+
+
+def test_rules_meter_their_metric_too_and_a_denial_names_it(guard: UsageGuard) -> None:
+    app, _ = build(guard, rules=[Rule("/emails", "emails", methods=frozenset({"POST"}))])
+    client = app.test_client()
+    first = client.post("/emails", headers={**ALICE, "x-skip-view": "1"})
+    assert first.status_code == 200
+    assert '"emails"' in first.headers["RateLimit-Policy"]
+    assert client.get("/", headers=ALICE).status_code == 200  # the rule is POST /emails only
+    denied = client.post("/emails", headers=ALICE)
+    assert denied.status_code == 429 and denied.json is not None
+    assert denied.json["metric"] == "emails"
+    usage = guard.usage("acme")
+    assert (usage.meters["emails"].used, usage.meters["api_calls"].used) == (1, 2)
+
+
+def test_an_application_factory_reads_each_apps_options(
+    make_guard: Callable[..., UsageGuard],
+) -> None:
+    usage = UsageGuardFlask(identify=from_headers())
+    tight = make_guard(plans={"free": Plan("free", {"api_calls": 1})}, default_plan="free")
+    loose = make_guard(plans=PLANS, default_plan="free")
+
+    def create_app(**config: Any) -> Flask:
+        app = Flask(__name__)
+        app.config["USAGE_GUARD"] = config
+        app.add_url_rule("/", "index", lambda: "ok")
+        app.add_url_rule("/health", "health", lambda: "ok")
+        return app
+
+    first = create_app(guard=tight, exclude=["/health"])
+    usage.init_app(first)
+    second = create_app(guard=tight)
+    usage.init_app(second, guard=loose)  # init_app's options win over app.config
+    one, two = first.test_client(), second.test_client()
+    assert [one.get("/", headers=ALICE).status_code for _ in range(2)] == [200, 429]
+    assert one.get("/health", headers=ALICE).status_code == 200
+    assert [two.get("/", headers=ALICE).status_code for _ in range(2)] == [200, 200]
+    assert usage.metering(first).guard is tight and usage.metering(second).guard is loose
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({}, "needs guard= and identify="),
+        ({"identify": from_headers(), "guard": None, "exlude": ["/x"]}, "unknown"),
+        ("guard=x", "must be a mapping"),
+    ],
+)
+def test_bad_flask_options_are_named(guard: UsageGuard, config: Any, message: str) -> None:
+    app = Flask(__name__)
+    app.config["USAGE_GUARD"] = config
+    with pytest.raises(InvalidUsage, match=message):
+        UsageGuardFlask().init_app(app)

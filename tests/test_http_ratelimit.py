@@ -77,8 +77,9 @@ def test_flask_extension_enforces_the_plan_rate_and_plans_without_one_are_free(
     guard.assign_plan("initech", "pro")
     initech = {"x-org-id": "initech"}
     assert {client.get("/", headers=initech).status_code for _ in range(5)} == {200}
-    assert extension.rate_limits is not None
-    extension.rate_limits.close()
+    limits = extension.metering(app).rate_limits
+    assert limits is not None
+    limits.close()
 
 
 def test_rate_limits_are_off_when_no_plan_declares_any(

@@ -33,7 +33,7 @@ from .problem import (
 )
 from .ratelimit import RateLimits
 from .subject import Subject
-from .web import ExcludedPaths, Identify, Identity, Rule, from_headers, from_state
+from .web import ExcludedPaths, Identify, Identity, Metering, Rule, from_headers, from_state
 
 __all__ = [
     "ExcludedPaths",
@@ -89,15 +89,7 @@ class UsageGuardMiddleware:
         self._identify_scope: Callable[[Scope], Identity] | None = getattr(
             identify, "from_scope", None
         )
-        if meter is not None:
-            self.catalog.require(meter)
-        self.rules = tuple(rules)
-        for rule in self.rules:
-            self.catalog.require(rule.metric)
-        self.meter = meter
-        self.amount = amount
-        #: What every identified request consumes before rules add theirs (never mutated).
-        self._metered: Mapping[str, int] = {} if meter is None else {meter: amount}
+        self.metering = Metering(self.catalog, meter, amount, rules)
         self.exclude = ExcludedPaths(exclude)
         self.require_identity = require_identity
         self.status_code = status_code
@@ -129,11 +121,11 @@ class UsageGuardMiddleware:
                 await _send_problem(UNAUTHORIZED, send)
                 return
             # Bound without a subject: a metered call then answers 401.
-            await self._call_app(scope, receive, send, None, None, self._metered)
+            await self._call_app(scope, receive, send, None, None, self.metering.base)
             return
         decision: Decision | None = None
         try:
-            amounts = self._amounts(scope["method"], path) if self.rules else self._metered
+            amounts = self.metering.amounts(scope["method"], path)
             if self.rate_limits is not None and amounts:
                 limited = await self.rate_limits.ahit(who.org, amounts)
                 if limited is not None:
@@ -152,13 +144,6 @@ class UsageGuardMiddleware:
             await _send_problem(self._denial(decision), send)
             return
         await self._call_app(scope, receive, send, who, decision, amounts)
-
-    def _amounts(self, method: str, path: str) -> dict[str, int]:
-        amounts = dict(self._metered)
-        for rule in self.rules:
-            if rule.matches(method, path):
-                amounts[rule.metric] = amounts.get(rule.metric, 0) + rule.amount
-        return amounts
 
     def _denial(self, decision: Decision) -> Problem:
         return quota_exceeded(decision, self.catalog, self.calls.clock(), status=self.status_code)

@@ -9,12 +9,15 @@ import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
+from types import MappingProxyType
 from typing import Any
 
 from starlette.routing import compile_path
 from starlette.types import Scope
 
-from .errors import InvalidIdentifier
+from .catalog import Catalog
+from .errors import InvalidIdentifier, InvalidUsage
+from .plans import check_value
 from .subject import Subject
 
 Identity = Subject | None
@@ -127,3 +130,32 @@ class Rule:
 
     def matches(self, method: str, path: str) -> bool:
         return (not self.methods or method in self.methods) and bool(self.pattern.match(path))
+
+
+class Metering:
+    """What each identified request consumes: ``amount`` of ``meter`` (none when
+    ``meter`` is None), plus the metric of every :class:`Rule` its route matches."""
+
+    def __init__(
+        self, catalog: Catalog, meter: str | None, amount: int, rules: Iterable[Rule]
+    ) -> None:
+        if meter is not None:
+            catalog.require(meter)
+        check_value(amount)
+        self.rules = tuple(rules)
+        for rule in self.rules:
+            if not isinstance(rule, Rule):
+                raise InvalidUsage(f"rules must be usage_guard.asgi.Rule objects, not {rule!r}")
+            catalog.require(rule.metric)
+            check_value(rule.amount)
+        #: What every identified request consumes before rules add theirs (never mutated).
+        self.base: Mapping[str, int] = MappingProxyType({} if meter is None else {meter: amount})
+
+    def amounts(self, method: str, path: str) -> Mapping[str, int]:
+        if not self.rules:
+            return self.base
+        amounts = dict(self.base)
+        for rule in self.rules:
+            if rule.matches(method, path):
+                amounts[rule.metric] = amounts.get(rule.metric, 0) + rule.amount
+        return amounts
