@@ -1,4 +1,5 @@
-"""Short-window plan rate limits (limits library, moving window) in the middleware and Flask."""
+"""Short-window plan rate limits (a moving window, in the guard's storage) in the middleware
+and Flask."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from conftest import raw_client
 from usage_guard import Plan, UsageGuard, UsageGuardMiddleware
 from usage_guard.asgi import from_headers
 from usage_guard.flask import UsageGuardFlask
+from usage_guard.keys import KeySpace
 from usage_guard.ratelimit import RateLimits
 
 PLANS = {
@@ -52,7 +55,6 @@ def test_middleware_answers_429_with_retry_after_past_the_rate(guard: UsageGuard
         other_org = client.get("/", headers={"x-org-id": "globex"})
         assert client.portal is not None
         client.portal.call(guard.aio.aclose)
-        client.portal.call(app.rate_limits.aclose)
     assert limited.status_code == 429
     assert 1 <= int(limited.headers["retry-after"]) <= 60
     # Named apart from the monthly quota of the same metric ("api_calls").
@@ -77,9 +79,7 @@ def test_flask_extension_enforces_the_plan_rate_and_plans_without_one_are_free(
     guard.assign_plan("initech", "pro")
     initech = {"x-org-id": "initech"}
     assert {client.get("/", headers=initech).status_code for _ in range(5)} == {200}
-    limits = extension.metering(app).rate_limits
-    assert limits is not None
-    limits.close()
+    assert extension.metering(app).rate_limits is not None
 
 
 def test_rate_limits_are_off_when_no_plan_declares_any(
@@ -104,17 +104,35 @@ def test_rate_limits_fail_open_when_redis_is_down(
     # policy (allow, by default) decides, and nothing answers a 500.
     assert [client.get("/", headers=ACME).status_code for _ in range(5)] == [200] * 5
     assert guard.failures.backend_errors >= 5
-    client.portal.call(app.rate_limits.aclose)  # type: ignore[union-attr]
     guard.close()
 
 
-def test_the_plan_cache_stays_bounded(guard: UsageGuard, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("usage_guard.ratelimit.PLAN_CACHE_SIZE", 2)
+def test_a_plan_change_applies_to_the_next_request_and_keys_are_the_orgs(
+    guard: UsageGuard,
+) -> None:
     limits = RateLimits(guard)
-    for org in ("a", "b", "c", "d", "e"):
-        assert limits.hit(org, ["api_calls"]) is None
-        assert len(limits._plans) <= 2
-    limits.close()
+    assert [limits.hit("acme", ["api_calls"]) is None for _ in range(4)] == [True] * 3 + [False]
+    guard.assign_plan("acme", "pro")  # no rate limit: read in the same call, nothing cached
+    assert limits.hit("acme", ["api_calls"]) is None
+    # An assignment left from a plan no longer configured: the default plan's limits.
+    raw_client(guard).hset(KeySpace(guard.calls.prefix, "acme").org, "plan", "legacy")
+    assert limits.hit("acme", ["api_calls"]) is not None
+    assert limits.hit("acme", ["emails"]) is None  # no limit on that metric: no call at all
+    window = KeySpace(guard.calls.prefix, "acme").rate("api_calls", 60)
+    assert raw_client(guard).llen(window) == 3
+    assert 0 < raw_client(guard).pttl(window) <= 60_000
+
+
+def test_all_limits_of_a_request_count_or_none(make_guard: Callable[..., UsageGuard]) -> None:
+    plans = {
+        "free": Plan("free", {}, rate_limits={"api_calls": "5/minute", "emails": "2/minute;3/hour"})
+    }
+    limits = RateLimits(make_guard(plans=plans, default_plan="free"))
+    assert limits.hit("acme", ["api_calls", "emails"]) is None
+    assert limits.hit("acme", ["api_calls", "emails"]) is None
+    denied = limits.hit("acme", ["api_calls", "emails"])  # emails' 2/minute
+    assert denied is not None and b'"emails-60s"' in denied.body
+    assert [limits.hit("acme", ["api_calls"]) is None for _ in range(4)] == [True] * 3 + [False]
 
 
 @pytest.mark.real_redis
@@ -127,13 +145,13 @@ def test_a_hung_redis_holds_a_rate_limited_request_no_longer_than_the_timeout(
         redis_process.url, plans=plans, default_plan="free", timeout=timeout
     )
     limits = RateLimits(guard)
-    assert limits.hit("acme", ["api_calls"]) is None  # the plan is now cached for 5 s
+    assert limits.hit("acme", ["api_calls"]) is None
 
     async def ahit() -> Any:
         try:
             return await limits.ahit("acme", ["api_calls"])
         finally:
-            await limits.aclose()
+            await guard.aio.aclose()
 
     assert asyncio.run(ahit()) is None
     os.kill(redis_process.process.pid, signal.SIGSTOP)
@@ -145,5 +163,4 @@ def test_a_hung_redis_holds_a_rate_limited_request_no_longer_than_the_timeout(
     finally:
         os.kill(redis_process.process.pid, signal.SIGCONT)
     assert guard.failures.backend_errors == 2
-    limits.close()
     guard.close()

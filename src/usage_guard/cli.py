@@ -162,6 +162,7 @@ def _keys(args: argparse.Namespace, out: TextIO) -> None:
     rows.append((space.reservations, "zset", "open reservations by deadline (ms)"))
     rows.append((space.held, "hash", "<counter> -> estimates open reservations hold"))
     rows.append((space.base + "r:*", "string", "reservations not yet settled or cancelled"))
+    rows.append((space.base + "rl:*", "list", "rate limit windows: request times (ms)"))
     width = max(len(key) for key, _, _ in rows)
     for key, kind, what in rows:
         out.write(f"{key:<{width}}  {kind:<6}  {what}\n")

@@ -1,8 +1,7 @@
 """The one error table: what an exception from a storage client means.
 
-Every client (the lean ``redis://`` one, redis-py's cluster clients, fakeredis,
-the rate limiter's ``limits`` storage) raises redis-py's exception classes, so
-one table decides for all of them:
+Every client (the lean ``redis://`` one, redis-py's clients, fakeredis) raises
+redis-py's exception classes, so one table decides for all of them:
 
 * ``OUTAGE``: Redis cannot answer now — refused, reset, timed out, ``LOADING``,
   ``BUSY``, ``MASTERDOWN``, ``CLUSTERDOWN``, ``TRYAGAIN``, ``READONLY`` (a

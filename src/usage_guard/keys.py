@@ -15,6 +15,7 @@ call reads and writes them atomically, on Redis Cluster too::
     ug:{acme}:held                         hash  <counter key without ug:{acme}:> -> estimates
                                                  held by open reservations
     ug:{acme}:r:<id>                       a reservation, until settled or cancelled
+    ug:{acme}:rl:<metric>:<window>s        list  request times (ms) in a rate limit's window
 
 Ids made of ASCII letters, digits and ``_ . - @`` appear unchanged; every
 other byte of their UTF-8 form is percent-encoded (``%7B`` for ``{``), so no id
@@ -101,6 +102,9 @@ class KeySpace:
 
     def reservation(self, reservation_id: str) -> str:
         return f"{self.base}r:{reservation_id}"
+
+    def rate(self, metric: str, window: int) -> str:
+        return f"{self.base}rl:{metric}:{window}s"
 
 
 _cached_space = lru_cache(maxsize=65536)(KeySpace)

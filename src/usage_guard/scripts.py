@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from importlib import resources
 
-SCRIPTS = ("consume", "adjust", "read", "admin")
+SCRIPTS = ("consume", "adjust", "read", "admin", "ratelimit")
 
 
 def _load_scripts() -> dict[str, str]:
@@ -19,7 +19,10 @@ def _load_scripts() -> dict[str, str]:
     sources = {}
     for name in SCRIPTS:
         body = (lua / f"{name}.lua").read_text()
-        sources[name] = sweep + (shared if name in ("consume", "adjust") else "") + body
+        if name in ("consume", "adjust"):
+            body = shared + body
+        # A rate limit neither counts nor reads meters: it leaves reservations alone.
+        sources[name] = body if name == "ratelimit" else sweep + body
     return sources
 
 

@@ -66,7 +66,7 @@ def _routed(client: Any, args: tuple[str | int, ...]) -> dict[str, Any]:
 class ScriptRunner(Protocol):
     """All the I/O a guard needs: run one of the package's scripts once, return its reply.
 
-    ``command`` sends any other command (the rate limiter reads an org's plan with it).
+    ``command`` sends any other command (``ping()``'s probes).
     """
 
     def run(self, script: str, keys: list[str], args: list[str | int]) -> Any: ...
