@@ -22,7 +22,7 @@ from scripted import ScriptedServer
 from usage_guard import BackendMisconfigured, BackendUnavailable, InvalidUsage, Plan, UsageGuard
 from usage_guard.periods import Period, utc_now
 from usage_guard.storage import RedisScripts
-from usage_guard.wire import IDLE_SOCKETS, Endpoint, MultiplexedScripts, SocketScripts, pack
+from usage_guard.wire import IDLE_SOCKETS, Endpoint, MultiplexedScripts, SocketScripts
 
 PLANS = {"free": Plan("free", {"emails": 1_000_000, "ai_tokens": 1_000_000})}
 TIMEOUT = 0.3
@@ -127,15 +127,15 @@ def test_a_guard_runs_on_successive_event_loops(scripted: Callable[..., Scripted
 def test_the_sync_client_keeps_a_bounded_set_of_idle_sockets(
     scripted: Callable[..., ScriptedServer],
 ) -> None:
-    server = scripted(counting)
-    runner = SocketScripts(endpoint(server.port))
-    start, done = threading.Barrier(64), threading.Barrier(64)
+    everyone = threading.Barrier(64)
 
-    def call() -> None:
-        # 64 threads each hold a socket at the same time.
-        runner._use(lambda connection: (start.wait(), connection.call(pack("PING")), done.wait()))
+    def together(connection: int, command: int) -> bytes:
+        everyone.wait(10)  # no reply until 64 sockets are in use at once
+        return b"+PONG\r\n"
 
-    threads = [threading.Thread(target=call) for _ in range(64)]
+    server = scripted(together)
+    runner = SocketScripts(Endpoint.from_url(f"redis://127.0.0.1:{server.port}/0", 10))
+    threads = [threading.Thread(target=runner.command, args=("PING",)) for _ in range(64)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any, Generic, Literal, TypeVar
 
 from .catalog import DEFAULT_CATALOG, Catalog, Metric
@@ -221,7 +222,7 @@ class Calls:
             "consume",
             keys,
             args,
-            lambda reply: self.replies.decision(org, period, reply),
+            partial(self.replies.decision, org, period),
             lambda: self.unavailable(items, period),
         )
 

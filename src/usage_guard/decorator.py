@@ -17,7 +17,6 @@ from .aio import AsyncUsageGuard
 from .calls import check_reservation_ttl
 from .context import AnyGuard, current_guard, current_subject
 from .errors import InvalidUsage, NotBound, Unidentified
-from .guard import UsageGuard
 from .plans import check_value
 from .subject import Subject
 
@@ -63,25 +62,16 @@ def metered(
             raise InvalidUsage("ttl bounds the reservation of a cost=: pass cost= with it")
         check_reservation_ttl(ttl, "ttl")
 
-    def sync_side() -> tuple[UsageGuard, Subject]:
-        bound, who = _bound(guard)
-        return (bound.sync if isinstance(bound, AsyncUsageGuard) else bound), who
-
-    def async_side() -> tuple[AsyncUsageGuard, Subject]:
-        bound, who = _bound(guard)
-        return (bound if isinstance(bound, AsyncUsageGuard) else bound.aio), who
-
-    def units(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
-        return amount(*args, **kwargs) if callable(amount) else amount
-
     def sync_wrapper(
         wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        side, who = sync_side()
+        bound, who = _bound(guard)
+        side = bound.sync if isinstance(bound, AsyncUsageGuard) else bound
+        units = amount(*args, **kwargs) if callable(amount) else amount
         if cost is None:
-            side.consume(who.org, metric, units(args, kwargs), user=who.user).raise_for_status()
+            side.consume(who.org, metric, units, user=who.user).raise_for_status()
             return wrapped(*args, **kwargs)
-        reservation = side.reserve(who.org, metric, units(args, kwargs), user=who.user, ttl=ttl)
+        reservation = side.reserve(who.org, metric, units, user=who.user, ttl=ttl)
         reservation.decision.raise_for_status()
         with reservation:  # an exception cancels it
             result = wrapped(*args, **kwargs)
@@ -96,14 +86,14 @@ def metered(
     async def async_wrapper(
         wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        side, who = async_side()
+        bound, who = _bound(guard)
+        side = bound if isinstance(bound, AsyncUsageGuard) else bound.aio
+        units = amount(*args, **kwargs) if callable(amount) else amount
         if cost is None:
-            decision = await side.consume(who.org, metric, units(args, kwargs), user=who.user)
+            decision = await side.consume(who.org, metric, units, user=who.user)
             decision.raise_for_status()
             return await wrapped(*args, **kwargs)
-        reservation = await side.reserve(
-            who.org, metric, units(args, kwargs), user=who.user, ttl=ttl
-        )
+        reservation = await side.reserve(who.org, metric, units, user=who.user, ttl=ttl)
         reservation.decision.raise_for_status()
         async with reservation:  # an exception cancels it
             result = await wrapped(*args, **kwargs)

@@ -24,6 +24,8 @@ class Replies:
         self.catalog = catalog
         self.plans = plans
         self._warned_plans: set[tuple[str, str]] = set()
+        #: Per metric, whether it resets monthly (read for every reply).
+        self._monthly = {metric.name: metric.monthly for metric in catalog}
 
     def decision(self, org: str, period: Period, reply: Any) -> tuple[Decision, Events]:
         if reply[0] == 2:
@@ -65,6 +67,8 @@ class Replies:
                     for i in range(0, len(others), 6)
                 ),
             )
+        if len(reply) == 9:  # the common case: no threshold reached
+            return decision, ()
         return decision, self._events(org, period, period, reply, 9)
 
     def _make_decision(
@@ -89,7 +93,7 @@ class Replies:
             used,
             None if limit < 0 else limit,
             None if unlimited else (quota - used if quota > used else 0),
-            period.end if self.catalog[name].monthly else None,
+            period.end if self._monthly[name] else None,
             None if unlimited else quota,
             replayed,
             requested,
@@ -112,7 +116,7 @@ class Replies:
                 reply[i + 1],
                 reply[i + 2],
                 reply[i + 3],
-                (counted if self.catalog[reply[i]].monthly else period).key,
+                (counted if self._monthly[reply[i]] else period).key,
             )
             for i in range(start, len(reply), 4)
         )

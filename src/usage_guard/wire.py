@@ -26,9 +26,9 @@ import socket
 import ssl
 from asyncio import get_running_loop
 from collections import deque
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import hiredis
 from redis._parsers.base import BaseParser
@@ -49,8 +49,6 @@ _READ_OPTIONS = frozenset(
 #: Idle sync sockets kept for reuse; past it a returned socket is closed, so a burst of
 #: many threads does not hold as many Redis connections for ever.
 IDLE_SOCKETS = 16
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -167,12 +165,6 @@ class _Socket:
             raise RedisConnectionError(f"lost the connection to Redis: {error}") from error
         return reply
 
-    def run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
-        reply = self.call(evalsha(script, keys, args))
-        if is_noscript(reply):
-            reply = self.call(eval_source(script, keys, args))
-        return reply
-
     def close(self) -> None:
         self.sock.close()
 
@@ -186,22 +178,31 @@ class SocketScripts:
         self._pid = os.getpid()
 
     def run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
-        return checked(self._use(lambda connection: connection.run(script, keys, args)))
+        # hiredis' stub types the tuple as one element.
+        command = hiredis.pack_command(("EVALSHA", SHAS[script], len(keys), *keys, *args))  # type: ignore[arg-type]
+        return self._exchange(command, script, keys, args)
 
     def command(self, *args: str | int) -> Any:
         """Any other command, e.g. ``command("HGET", key, field)``."""
-        return checked(self._use(lambda connection: connection.call(pack(*args))))
+        return self._exchange(pack(*args))
 
-    def _use(self, exchange: Callable[[_Socket], T]) -> T:
+    def _exchange(
+        self,
+        command: bytes,
+        script: str | None = None,
+        keys: list[str] | None = None,
+        args: list[str | int] | None = None,
+    ) -> Any:
+        """Send ``command`` on an idle socket (a new one if none); a script the server
+        does not know yet (NOSCRIPT) is sent once more, whole."""
         if self._pid != os.getpid():
             # A forked child must not talk on its parent's sockets.
             self._idle, self._pid = [], os.getpid()
+        connection = self._idle.pop() if self._idle else _Socket(self.endpoint)
         try:
-            connection = self._idle.pop()
-        except IndexError:
-            connection = _Socket(self.endpoint)
-        try:
-            result = exchange(connection)
+            reply = connection.call(command)
+            if script is not None and isinstance(reply, NoScriptError):
+                reply = connection.call(eval_source(script, keys or [], args or []))
         except BaseException:
             connection.close()
             raise
@@ -209,7 +210,7 @@ class SocketScripts:
             self._idle.append(connection)
         else:
             connection.close()
-        return result
+        return checked(reply)
 
     def close(self) -> None:
         idle, self._idle = self._idle, []
