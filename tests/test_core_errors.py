@@ -22,7 +22,8 @@ from scripted import ScriptedServer
 from usage_guard import BackendMisconfigured, BackendUnavailable, Plan, UsageGuard
 from usage_guard import failures as failures_module
 from usage_guard.faults import Fault, classify
-from usage_guard.wire import Endpoint, MultiplexedScripts, SocketScripts
+from usage_guard.multiplexed import MultiplexedScripts
+from usage_guard.wire import Endpoint, SocketScripts
 
 PLANS = {"free": Plan("free", {"emails": 10, "ai_tokens": 1000})}
 

@@ -20,9 +20,10 @@ import redis
 from conftest import RedisProcess
 from scripted import ScriptedServer
 from usage_guard import BackendMisconfigured, BackendUnavailable, InvalidUsage, Plan, UsageGuard
+from usage_guard.multiplexed import MultiplexedScripts
 from usage_guard.periods import Period, utc_now
-from usage_guard.storage import RedisScripts
-from usage_guard.wire import IDLE_SOCKETS, Endpoint, MultiplexedScripts, SocketScripts
+from usage_guard.redispy import RedisScripts
+from usage_guard.wire import IDLE_SOCKETS, Endpoint, SocketScripts
 
 PLANS = {"free": Plan("free", {"emails": 1_000_000, "ai_tokens": 1_000_000})}
 TIMEOUT = 0.3

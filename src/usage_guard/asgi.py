@@ -181,7 +181,7 @@ class UsageGuardMiddleware:
         ``raise_for_status()`` inside it) counts nothing: what was metered is taken back."""
         extra: list[tuple[bytes, bytes]] = []
         if self.ratelimit_headers and decision is not None:
-            extra = raw_policy_fields(decision, self.catalog, self.calls.timestamp())
+            extra = raw_policy_fields(decision, self.catalog, self.calls.time.timestamp())
         started = refused = False
 
         async def send_with_fields(message: Message) -> None:

@@ -8,22 +8,21 @@ by the call's ``fallback``. Every rule that is not Lua lives here and there.
 from __future__ import annotations
 
 import math
-import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from functools import partial
 from typing import Any, Generic, Literal, TypeVar
 
 from .catalog import DEFAULT_CATALOG, Catalog, Metric
+from .clock import GuardClock
 from .decision import Decision
 from .errors import InvalidUsage
 from .keys import KeySpace, budget_field, encode_id
 from .periods import Clock, Period, utc_now
 from .plans import UNLIMITED, Plan, Plans, admitted, check_limit, check_value
 from .replies import Events, Replies, nothing
-from .reservations import Ticket
+from .reservations import Ticket, check_reservation_ttl
 from .usage import Usage
 
 T = TypeVar("T")
@@ -52,8 +51,6 @@ PREPARED_SIZE = 4096
 # Where a consume call's arguments hold the keys' TTL, the time and the amount (see
 # lua/_lib.lua).
 _TTL_ARG, _NOW_ARG, _AMOUNT_ARG = 1, 5, 8
-#: The longest a reservation may stay open (seconds): it holds work in progress.
-MAX_RESERVATION_TTL = 31 * 86400
 
 
 @dataclass(slots=True)
@@ -89,12 +86,12 @@ class Calls:
         self.catalog = catalog
         self.plans = Plans(plans, default_plan, catalog)
         self.clock: Clock = clock or utc_now
+        self.time = GuardClock(self.clock, history_months)
         self.prefix = prefix
         self.history_months = history_months
         self.reservation_ttl = check_reservation_ttl(reservation_ttl, "reservation_ttl")
         self.replies = Replies(catalog, self.plans)
         self.unavailable = unavailable
-        self._period_cache: tuple[Period, float, float, float] | None = None
         self._prepared: dict[tuple[str, str, str | None], _Prepared] = {}
         self._default_plan = default_plan or ""
         # Per metric, the spec the scripts read its cap, reset and every plan's limit from.
@@ -112,32 +109,6 @@ class Calls:
                 first_threshold = -(-limit * 80 // 100)  # 80 %, rounded up as the scripts do
                 spec += f"{plan.name}={limit}:{admitted(limit, percent)}:{first_threshold}\n"
         return spec
-
-    # -- time ---------------------------------------------------------------------------
-
-    def timestamp(self) -> float:
-        """Now by the guard's clock, in seconds since the epoch."""
-        return time.time() if self.clock is utc_now else self.clock().timestamp()
-
-    def now(self) -> tuple[Period, int, int]:
-        """The current period, the TTL (s) of its keys (until it leaves the history
-        window) and the time (ms since the epoch) that scripts sweep reservations by.
-
-        The clock is read once, so the period and the TTL never straddle 00:00Z on the 1st.
-        """
-        moment = None if self.clock is utc_now else self.clock()
-        now = time.time() if moment is None else moment.timestamp()
-        cached = self._period_cache
-        if cached is None or not cached[1] <= now < cached[2]:
-            period = Period.containing(moment or datetime.fromtimestamp(now, timezone.utc))
-            expires = period.shift(self.history_months).start.timestamp()
-            cached = (period, period.start.timestamp(), period.end.timestamp(), expires)
-            self._period_cache = cached
-        return cached[0], max(1, math.ceil(cached[3] - now)), int(now * 1000)
-
-    def ttl(self, period: Period) -> int:
-        expires = period.shift(self.history_months).start.timestamp()
-        return max(1, math.ceil(expires - self.timestamp()))
 
     # -- requests -----------------------------------------------------------------------
 
@@ -201,7 +172,7 @@ class Calls:
         ):
             return self._consume_one(org, metric, amount, user)
         items = self.amounts(metric, amount)
-        now = self.now()
+        now = self.time.now()
         space = KeySpace.of(self.prefix, org)
         mode, extra = ("check" if check else "consume"), []
         if idempotency_key is not None and not check:
@@ -233,7 +204,7 @@ class Calls:
         if prepared is None:
             self.catalog.require(metric)  # an unknown metric is named before a bad amount
         check_value(amount)
-        period, ttl, now_ms = self.now()
+        period, ttl, now_ms = self.time.now()
         if prepared is None or prepared.period is not period:
             prepared = self._prepare(org, metric, user, period)
         template = prepared.call
@@ -265,7 +236,7 @@ class Calls:
     ) -> tuple[Call[Decision], Ticket]:
         items = self.amounts(metric, amount)
         hold = self.reservation_ttl if ttl is None else check_reservation_ttl(ttl, "ttl")
-        now = self.now()
+        now = self.time.now()
         space = KeySpace.of(self.prefix, org)
         ticket = Ticket(
             uuid.uuid4().hex,
@@ -301,7 +272,7 @@ class Calls:
         items = [
             (self.catalog[name], check_value(value, "actual")) for name, value in amounts.items()
         ]
-        now = self.now()
+        now = self.time.now()
         counted = ticket.period
         space = KeySpace.of(self.prefix, ticket.org)
         keys, args = self._script_args(
@@ -311,7 +282,7 @@ class Calls:
             now,
             mode,
             extra_keys=(space.reservation(ticket.id), space.thresholds(counted.key)),
-            mode_number=self.ttl(counted),
+            mode_number=self.time.ttl(counted),
             counted=counted,
         )
         return Call(
@@ -330,7 +301,7 @@ class Calls:
                 raise InvalidUsage(
                     f"{m.name} resets monthly: only cumulative metrics can be released or set"
                 )
-        now = self.now()
+        now = self.time.now()
         keys, args = self._script_args(KeySpace.of(self.prefix, org), None, items, now, mode)
         return Call(
             "adjust", keys, args, lambda reply: self.replies.adjusted(org, now[0], now[0], reply)
@@ -342,7 +313,7 @@ class Calls:
         """Take back what ``admitted`` counted for a request that was refused after all,
         unchecked and never below 0, in the period it was counted in."""
         items = self.amounts(amounts, 1)
-        now = self.now()
+        now = self.time.now()
         counted = (
             now[0]
             if admitted.resets_at is None
@@ -358,7 +329,7 @@ class Calls:
 
     def _admin(self, space: KeySpace, key: str, *args: str) -> Call[None]:
         keys = [space.org, key, space.reservations, space.held]
-        return Call("admin", keys, [self.now()[2], *args], nothing)
+        return Call("admin", keys, [self.time.now()[2], *args], nothing)
 
     def assign_plan(self, org: str, plan: str | None) -> Call[None]:
         if plan is not None:
@@ -391,7 +362,7 @@ class Calls:
     def usage(self, org: str, user: str | None = None) -> Call[Usage]:
         space = KeySpace.of(self.prefix, org)
         user_id = None if user is None else encode_id(user)
-        period, _, now_ms = self.now()
+        period, _, now_ms = self.time.now()
         window = period.window(self.history_months)
         strings: list[str] = []
         histories: list[str] = []
@@ -414,12 +385,3 @@ class Calls:
                 (),
             ),
         )
-
-
-def check_reservation_ttl(ttl: object, name: str) -> float:
-    """How long a reservation holds its estimate (seconds), validated."""
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
-        raise InvalidUsage(f"{name} must be a number of seconds, not {type(ttl).__name__}")
-    if not 0 < ttl <= MAX_RESERVATION_TTL:  # NaN included
-        raise InvalidUsage(f"{name} must be above 0 and at most 31 days ({ttl!r} seconds)")
-    return float(ttl)

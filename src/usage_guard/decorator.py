@@ -14,10 +14,10 @@ from typing import Any, ParamSpec, TypeVar, cast
 import wrapt
 
 from .aio import AsyncUsageGuard
-from .calls import check_reservation_ttl
 from .context import AnyGuard, current_guard, current_subject
 from .errors import InvalidUsage, NotBound, Unidentified
 from .plans import check_value
+from .reservations import check_reservation_ttl
 from .subject import Subject
 
 P = ParamSpec("P")

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from .decision import Decision
+from .errors import InvalidUsage
 from .periods import Period
 
 if TYPE_CHECKING:
@@ -16,6 +17,18 @@ if TYPE_CHECKING:
     from .guard import UsageGuard
 
 logger = logging.getLogger("usage_guard")
+
+#: The longest a reservation may stay open (seconds): it holds work in progress.
+MAX_RESERVATION_TTL = 31 * 86400
+
+
+def check_reservation_ttl(ttl: object, name: str) -> float:
+    """How long a reservation holds its estimate (seconds), validated."""
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+        raise InvalidUsage(f"{name} must be a number of seconds, not {type(ttl).__name__}")
+    if not 0 < ttl <= MAX_RESERVATION_TTL:  # NaN included
+        raise InvalidUsage(f"{name} must be above 0 and at most 31 days ({ttl!r} seconds)")
+    return float(ttl)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +62,7 @@ class ReservationBase:
     @property
     def open(self) -> bool:
         """Whether the estimate is held: neither settled, cancelled nor expired yet."""
-        return self._held and self._calls.now()[2] < self.ticket.deadline
+        return self._held and self._calls.time.now()[2] < self.ticket.deadline
 
     @property
     def expires_at(self) -> datetime:

@@ -8,10 +8,8 @@ command with ``hiredis.pack_command``, write it and parse the reply with a
 * :class:`SocketScripts` (sync) keeps a stack of idle blocking sockets, so
   threads never share one. A socket that failed or timed out is closed, never
   reused: a late reply would be read as the answer to the next call.
-* :class:`MultiplexedScripts` (asyncio) multiplexes every task of an event loop
-  on one connection: commands are written as they come and replies resolve
-  their callers in order, so concurrent calls share round trips instead of
-  queueing for pooled connections.
+* :class:`~usage_guard.multiplexed.MultiplexedScripts` (asyncio, its own module)
+  multiplexes every task of an event loop on one connection.
 
 Neither retries anything (a timed-out script may have run, and a retry would
 count twice). Every error reply is raised as the exception class redis-py's own
@@ -20,13 +18,9 @@ parser gives it (its table, borrowed), so one error table serves every client.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import ssl
-from asyncio import get_running_loop
-from collections import deque
-from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -121,7 +115,7 @@ def checked(reply: Any) -> Any:
     return reply
 
 
-def _new_reader() -> hiredis.Reader:
+def new_reader() -> hiredis.Reader:
     # Error replies become the exception redis-py's own parser makes of them
     # (``-OOM`` an OutOfMemoryError, ``-LOADING`` a BusyLoadingError, ...), as values.
     return hiredis.Reader(replyError=BaseParser.parse_error, encoding="utf-8")
@@ -141,7 +135,7 @@ class _Socket:
         except OSError as error:
             raise RedisConnectionError(f"cannot connect to Redis at {endpoint}: {error}") from error
         self.sock = sock
-        self.reader = _new_reader()
+        self.reader = new_reader()
         try:
             for command in endpoint.handshake:
                 checked(self.call(command))
@@ -216,211 +210,3 @@ class SocketScripts:
         idle, self._idle = self._idle, []
         for connection in idle:
             connection.close()
-
-
-class _Multiplexed(asyncio.Protocol):
-    """One asyncio connection carrying many calls; replies come back in request order.
-
-    Timeouts are kept by one watchdog timer per connection rather than one timer
-    per call (which would cost about 2 µs a call): it wakes when the oldest
-    waiting call is due, and as replies come in order, a late oldest call means
-    the connection is stuck and every call on it fails.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
-        self.loop = loop
-        self.timeout = timeout
-        self.reader = _new_reader()
-        #: Each call's future and the loop time by which its reply is due.
-        self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self._watchdog: asyncio.TimerHandle | None = None
-        self._closer: AsyncGenerator[None, None] | None = None
-        #: Set while the transport's buffer is over its high-water mark: Redis reads
-        #: slower than callers write, and new calls wait instead of growing the buffer.
-        self.full: asyncio.Future[None] | None = None
-
-    async def close_with_the_loop(self) -> None:
-        """Close this connection when its loop shuts down, even if nobody calls ``close()``.
-
-        ``asyncio.run`` (and uvloop, and anyio) finalise every live async generator
-        before closing the loop; once the loop is closed a transport can no longer
-        be closed and its socket would leak until garbage collection.
-        """
-        self._closer = self._until_shutdown()
-        await anext(self._closer)
-
-    async def _until_shutdown(self) -> AsyncGenerator[None, None]:
-        try:
-            yield
-        finally:
-            self.abort(RedisConnectionError("the event loop shut down"))
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def pause_writing(self) -> None:
-        if self.full is None:
-            self.full = self.loop.create_future()
-
-    def resume_writing(self) -> None:
-        full, self.full = self.full, None
-        if full is not None and not full.done():
-            full.set_result(None)
-
-    async def room(self) -> None:
-        """Wait until the transport takes more writes, up to the timeout."""
-        while self.full is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self.full), self.timeout)
-            except asyncio.TimeoutError:
-                raise RedisTimeoutError("Redis did not read within the timeout") from None
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-        try:
-            reply = self.reader.gets()
-            while reply is not False:
-                waiter = self.waiting.popleft()[0]
-                if not waiter.done():
-                    waiter.set_result(reply)
-                reply = self.reader.gets()
-        except hiredis.ProtocolError as error:
-            self.abort(RedisConnectionError(f"unreadable reply from Redis: {error}"))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.abort(RedisConnectionError("lost the connection to Redis"))
-
-    def abort(self, error: Exception) -> None:
-        """Close the connection and fail every call still waiting on it."""
-        self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        self.resume_writing()  # callers waiting for room then find the connection closed
-        while self.waiting:
-            waiter = self.waiting.popleft()[0]
-            if not waiter.done():
-                waiter.set_exception(error)
-
-    def send(self, command: bytes) -> asyncio.Future[Any]:
-        """Write one command; the future gets its reply (an error reply as a value)."""
-        assert self.transport is not None
-        # is_closing(): the transport lost its socket, connection_lost() is still to come.
-        if self.closed or self.transport.is_closing():
-            raise RedisConnectionError("lost the connection to Redis")
-        waiter = self.loop.create_future()
-        self.transport.write(command)
-        due = self.loop.time() + self.timeout
-        self.waiting.append((waiter, due))
-        if self._watchdog is None:
-            self._watchdog = self.loop.call_at(due, self._watch)
-        return waiter
-
-    def _watch(self) -> None:
-        self._watchdog = None
-        if not self.waiting:
-            return
-        due = self.waiting[0][1]
-        if due <= self.loop.time():
-            self.abort(RedisTimeoutError("Redis did not answer within the timeout"))
-        else:
-            self._watchdog = self.loop.call_at(due, self._watch)
-
-
-class MultiplexedScripts:
-    """Runs the package's scripts for every task of an event loop on one connection.
-
-    Each event loop gets its own connection (a transport belongs to one loop), so
-    loops in several threads, or one after another, each keep theirs.
-    """
-
-    def __init__(self, endpoint: Endpoint) -> None:
-        self.endpoint = endpoint
-        #: The connection used last: the fast path while one loop does all the calls.
-        self._connection: _Multiplexed | None = None
-        self._by_loop: dict[asyncio.AbstractEventLoop, _Multiplexed] = {}
-        self._connecting: dict[asyncio.AbstractEventLoop, asyncio.Task[_Multiplexed]] = {}
-
-    async def run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
-        connection = self._connection
-        if connection is None or connection.closed or connection.loop is not get_running_loop():
-            connection = await self._connect()
-        if connection.full is not None:
-            await connection.room()
-        reply = await connection.send(evalsha(script, keys, args))
-        if is_noscript(reply):
-            reply = await connection.send(eval_source(script, keys, args))
-        return checked(reply)
-
-    async def command(self, *args: str | int) -> Any:
-        """Any other command, e.g. ``await command("HGET", key, field)``."""
-        connection = await self._connect()
-        if connection.full is not None:
-            await connection.room()
-        return checked(await connection.send(pack(*args)))
-
-    async def _connect(self) -> _Multiplexed:
-        """The running loop's connection, opened if it has none that works."""
-        loop = get_running_loop()
-        connection = self._by_loop.get(loop)
-        if connection is not None and not connection.closed:
-            self._connection = connection
-            return connection
-        connecting = self._connecting.get(loop)
-        if connecting is None:
-            # Concurrent first calls wait for one connection instead of opening many.
-            connecting = self._connecting[loop] = loop.create_task(self._open(loop))
-        try:
-            return await asyncio.shield(connecting)
-        finally:
-            if connecting.done() and self._connecting.get(loop) is connecting:
-                del self._connecting[loop]
-
-    async def _open(self, loop: asyncio.AbstractEventLoop) -> _Multiplexed:
-        endpoint = self.endpoint
-        try:
-            transport, connection = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: _Multiplexed(loop, endpoint.timeout),
-                    endpoint.host,
-                    endpoint.port,
-                    ssl=endpoint.tls,
-                    server_hostname=endpoint.host if endpoint.tls else None,
-                ),
-                endpoint.timeout,
-            )
-        except asyncio.TimeoutError as error:
-            raise RedisTimeoutError(f"connecting to Redis at {endpoint} timed out") from error
-        except OSError as error:
-            raise RedisConnectionError(f"cannot connect to Redis at {endpoint}: {error}") from error
-        # uvloop may call connection_made() only after create_connection() has returned.
-        connection.transport = transport
-        await connection.close_with_the_loop()
-        try:
-            for command in endpoint.handshake:
-                checked(await connection.send(command))
-        except BaseException:
-            connection.abort(RedisConnectionError("the connection's handshake failed"))
-            raise
-        stale = self._by_loop.get(loop)
-        if stale is not None:
-            stale.abort(RedisConnectionError("replaced by a new connection"))
-        # Loops closed by hand without closing theirs (asyncio.run closes them): nothing
-        # can close a transport of a closed loop, so their connections are dropped.
-        self._by_loop = {
-            other: kept for other, kept in self._by_loop.items() if not other.is_closed()
-        }
-        self._by_loop[loop] = self._connection = connection
-        return connection
-
-    async def close(self) -> None:
-        """Close the running loop's connection (another loop's is left to that loop)."""
-        connection = self._by_loop.pop(get_running_loop(), None)
-        if connection is not None:
-            if self._connection is connection:
-                self._connection = None
-            connection.abort(RedisConnectionError("the client is closed"))
