@@ -14,16 +14,26 @@ SCRIPTS = ("consume", "adjust", "read", "admin", "ratelimit")
 
 def _load_scripts() -> dict[str, str]:
     lua = resources.files("usage_guard") / "lua"
-    sweep = (lua / "_reservations.lua").read_text()
-    shared = (lua / "_lib.lua").read_text()
+    sweep = _code((lua / "_reservations.lua").read_text())
+    shared = _code((lua / "_lib.lua").read_text())
     sources = {}
     for name in SCRIPTS:
-        body = (lua / f"{name}.lua").read_text()
+        body = _code((lua / f"{name}.lua").read_text())
         if name in ("consume", "adjust"):
             body = shared + body
         # A rate limit neither counts nor reads meters: it leaves reservations alone.
         sources[name] = body if name == "ratelimit" else sweep + body
     return sources
+
+
+def _code(source: str) -> str:
+    """The source without its comment lines and blank lines: the files document the
+    scripts, and fakeredis (``memory://``) compiles a script's source on every call."""
+    return "".join(
+        line
+        for line in source.splitlines(keepends=True)
+        if line.strip() and not line.lstrip().startswith("--")
+    )
 
 
 SOURCES = _load_scripts()
