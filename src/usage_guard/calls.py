@@ -1,4 +1,4 @@
-"""Pure call building: validates a request and builds its one script call.
+"""Call building, without I/O: validates a request and builds its one script call.
 
 The sync and async guards send a :class:`Call` and hand its reply to ``call.parse``
 (see :mod:`usage_guard.replies`); when Redis fails, :mod:`usage_guard.runtime` answers

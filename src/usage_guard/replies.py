@@ -1,4 +1,4 @@
-"""Pure reading of the scripts' replies into decisions, threshold events and usage."""
+"""Reading the scripts' replies into decisions, threshold events and usage: no I/O."""
 
 from __future__ import annotations
 

@@ -93,7 +93,8 @@ def cancel_failed(error: Exception) -> None:
 
 
 class Reservation(ReservationBase):
-    """An estimate counted by :meth:`UsageGuard.reserve`. Settle or cancel it once.
+    """An estimate held by :meth:`UsageGuard.reserve` until its deadline
+    (``expires_at``). Settle or cancel it once.
 
     A denied reservation (``not r.decision.allowed``) counted nothing: its
     ``settle`` and ``cancel`` do nothing.
@@ -104,7 +105,9 @@ class Reservation(ReservationBase):
         self.guard = guard
 
     def settle(self, actual: int | Amounts) -> bool:
-        """Adjust the counters by ``actual - estimate`` (never denied). False if already done.
+        """Count ``actual`` instead of the estimate (never denied), in the month the
+        estimate was reserved in; after the deadline, counted once as a plain
+        consumption. False if already settled or cancelled.
 
         Never fails for an outage: the settle is then retried in the background
         until Redis answers (and True is returned).
@@ -113,7 +116,8 @@ class Reservation(ReservationBase):
         return call is not None and self.guard._settle(call)
 
     def cancel(self) -> bool:
-        """Refund the estimate. False if already settled or cancelled; retried like settle."""
+        """Drop the estimate. False if already settled or cancelled, or expired (it was
+        refunded then); retried like settle."""
         call = self._closing(self.guard.calls.settle(self.ticket, None))
         return call is not None and self.guard._settle(call)
 
@@ -137,8 +141,8 @@ class AsyncReservation(ReservationBase):
         self.guard = guard
 
     async def settle(self, actual: int | Amounts) -> bool:
-        """Adjust the counters by ``actual - estimate``; retried in the background during
-        an outage. False if already done."""
+        """The async :meth:`Reservation.settle`: ``actual`` instead of the estimate;
+        retried in the background during an outage. False if already done."""
         call = self._closing(self.guard.calls.settle(self.ticket, actual))
         return call is not None and await self.guard._settle(call)
 
