@@ -251,9 +251,11 @@ def test_report_is_one_round_trip(make_guard: MakeGuard, monkeypatch: pytest.Mon
     calls: list[str] = []
     original = runner.run
 
-    def counting(script: str, keys: list[str], args: list[str | int]) -> Any:
+    def counting(
+        script: str, keys: list[str], args: list[str | int], wait: float | None = None
+    ) -> Any:
         calls.append(script)
-        return original(script, keys, args)
+        return original(script, keys, args, wait)
 
     monkeypatch.setattr(runner, "run", counting)
     guard.report("acme", user="alice")

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .aio import AsyncUsageGuard
-from .context import AnyGuard, bind, unbind
+from .context import AnyGuard, Budget, bind, unbind
 from .decision import Decision
 from .errors import InvalidIdentifier, InvalidUsage, Unidentified, UsageLimitExceeded
 from .health import at_startup_async
@@ -116,34 +116,39 @@ class UsageGuardMiddleware:
         except InvalidIdentifier:
             await _send_problem(INVALID_IDENTITY, send)
             return
-        if who is None:
-            if self.require_identity:
-                await _send_problem(UNAUTHORIZED, send)
-                return
-            # Bound without a subject: a metered call then answers 401.
-            await self._call_app(scope, receive, send, None, None, self.metering.base)
+        if who is None and self.require_identity:
+            await _send_problem(UNAUTHORIZED, send)
             return
-        decision: Decision | None = None
+        # Bound for the whole request: @metered and require() find the subject (none:
+        # they answer 401), and every call waits within one budget of ``timeout``.
+        token = bind(who, self.guard, Budget())
         try:
-            amounts = self.metering.amounts(scope["method"], path)
-            if self.rate_limits is not None and amounts:
-                limited = await self.rate_limits.ahit(who.org, amounts)
-                if limited is not None:
-                    await _send_problem(limited, send)
-                    return
-            if amounts:
-                if len(amounts) == 1:
-                    [(metric, units)] = amounts.items()
-                    decision = await self.aguard.consume(who.org, metric, units, user=who.user)
-                else:
-                    decision = await self.aguard.consume(who.org, amounts, user=who.user)
-        except InvalidIdentifier:
-            await _send_problem(INVALID_IDENTITY, send)
-            return
-        if decision is not None and not decision.allowed:
-            await _send_problem(self._denial(decision), send)
-            return
-        await self._call_app(scope, receive, send, who, decision, amounts)
+            if who is None:
+                await self._call_app(scope, receive, send, None, None, self.metering.base)
+                return
+            decision: Decision | None = None
+            try:
+                amounts = self.metering.amounts(scope["method"], path)
+                if self.rate_limits is not None and amounts:
+                    limited = await self.rate_limits.ahit(who.org, amounts)
+                    if limited is not None:
+                        await _send_problem(limited, send)
+                        return
+                if amounts:
+                    if len(amounts) == 1:
+                        [(metric, units)] = amounts.items()
+                        decision = await self.aguard.consume(who.org, metric, units, user=who.user)
+                    else:
+                        decision = await self.aguard.consume(who.org, amounts, user=who.user)
+            except InvalidIdentifier:
+                await _send_problem(INVALID_IDENTITY, send)
+                return
+            if decision is not None and not decision.allowed:
+                await _send_problem(self._denial(decision), send)
+                return
+            await self._call_app(scope, receive, send, who, decision, amounts)
+        finally:
+            unbind(token)
 
     def _denial(self, decision: Decision) -> Problem:
         return quota_exceeded(decision, self.catalog, self.calls.clock(), status=self.status_code)
@@ -176,7 +181,7 @@ class UsageGuardMiddleware:
         decision: Decision | None,
         amounts: Mapping[str, int],
     ) -> None:
-        """Run the app with the subject bound; answer what it lets through. A request the
+        """Run the app (the subject is bound); answer what it lets through. A request the
         app refuses with a 429 or 503 problem (``require()``, ``@metered``,
         ``raise_for_status()`` inside it) counts nothing: what was metered is taken back."""
         extra: list[tuple[bytes, bytes]] = []
@@ -195,7 +200,6 @@ class UsageGuardMiddleware:
                     message["headers"] = [*message.get("headers", ()), *extra]
             await send(message)
 
-        token = bind(who, self.guard)
         try:
             await self.app(scope, receive, send_with_fields)
         except (UsageLimitExceeded, Unidentified, InvalidUsage) as error:
@@ -204,8 +208,6 @@ class UsageGuardMiddleware:
             problem = answer(error, self.catalog, self.calls.clock(), status=self.status_code)
             refused = isinstance(error, UsageLimitExceeded)
             await _send_problem(problem, send)
-        finally:
-            unbind(token)
         if refused and decision is not None and who is not None:
             await self.aguard._refund(who.org, amounts, who.user, decision)
 

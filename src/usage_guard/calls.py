@@ -43,6 +43,9 @@ class Call(Generic[T]):
     args: list[str | int]
     parse: Callable[[Any], tuple[T, Events]]
     fallback: Callable[[], T] | None = None
+    #: Whether it waits within the request's budget; settling or refunding finished
+    #: work does not: it has its own ``timeout``.
+    bounded: bool = True
 
 
 #: Single-metric consumptions prepared at once, per (org, metric, user); past it the
@@ -290,6 +293,7 @@ class Calls:
             keys,
             args,
             lambda reply: self.replies.adjusted(ticket.org, now[0], counted, reply),
+            bounded=False,
         )
 
     def adjust(
@@ -322,7 +326,11 @@ class Calls:
         space = KeySpace.of(self.prefix, org)
         keys, args = self._script_args(space, user, items, now, "release", counted=counted)
         return Call(
-            "adjust", keys, args, lambda reply: self.replies.adjusted(org, now[0], counted, reply)
+            "adjust",
+            keys,
+            args,
+            lambda reply: self.replies.adjusted(org, now[0], counted, reply),
+            bounded=False,
         )
 
     # -- admin --------------------------------------------------------------------------

@@ -20,9 +20,20 @@ if TYPE_CHECKING:
 AnyGuard = Union["UsageGuard", "AsyncUsageGuard"]
 
 
-#: The current subject and guard. A plain tuple: it is made on every request.
-Binding = tuple["Subject | None", "AnyGuard | None"]
-_binding: ContextVar[Binding] = ContextVar("usage_guard_binding", default=(None, None))
+class Budget:
+    """The one ``timeout`` every call of the library within a request shares: its
+    deadline (``time.monotonic()``) is set when the first call starts."""
+
+    __slots__ = ("deadline",)
+
+    def __init__(self) -> None:
+        self.deadline: float | None = None
+
+
+#: The current subject, guard and request budget (None outside a request). A plain
+#: tuple: it is made on every request.
+Binding = tuple["Subject | None", "AnyGuard | None", "Budget | None"]
+_binding: ContextVar[Binding] = ContextVar("usage_guard_binding", default=(None, None, None))
 
 
 def current_subject() -> Subject | None:
@@ -35,9 +46,16 @@ def current_guard() -> AnyGuard | None:
     return _binding.get()[1]
 
 
-def bind(who: Subject | None, guard: AnyGuard | None) -> Token[Binding]:
-    """Set the current subject and guard; undo with :func:`unbind`."""
-    return _binding.set((who, guard))
+def current_budget() -> Budget | None:
+    """The current request's :class:`Budget` (None outside a request)."""
+    return _binding.get()[2]
+
+
+def bind(
+    who: Subject | None, guard: AnyGuard | None, budget: Budget | None = None
+) -> Token[Binding]:
+    """Set the current subject, guard and request budget; undo with :func:`unbind`."""
+    return _binding.set((who, guard, budget))
 
 
 def unbind(token: Token[Binding]) -> None:
@@ -54,7 +72,7 @@ def subject(org: str, user: str | None = None, guard: AnyGuard | None = None) ->
     Without ``guard`` the enclosing one (if any) stays bound.
     """
     who = Subject(org, user)
-    token = bind(who, guard if guard is not None else current_guard())
+    token = bind(who, guard if guard is not None else current_guard(), current_budget())
     try:
         yield who
     finally:

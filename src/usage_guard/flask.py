@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from flask import Flask, Response, g, request
 
 from .aio import AsyncUsageGuard
-from .context import AnyGuard, Binding, bind, unbind
+from .context import AnyGuard, Binding, Budget, bind, unbind
 from .decision import Decision
 from .errors import InvalidIdentifier, InvalidUsage, Unidentified, UsageLimitExceeded
 from .guard import UsageGuard
@@ -154,11 +154,12 @@ class FlaskMetering:
             who = self.identify(request)
         except InvalidIdentifier:
             return _response(INVALID_IDENTITY)
+        if who is None and self.require_identity:
+            return _response(UNAUTHORIZED)
+        # Bound for the whole request (undone at teardown): metered views find the
+        # subject (none: they answer 401), and every call waits within one budget.
+        g.usage_guard_token = bind(who, self.guard, Budget())
         if who is None:
-            if self.require_identity:
-                return _response(UNAUTHORIZED)
-            # Bound without a subject: a metered call then answers 401.
-            g.usage_guard_token = bind(None, self.guard)
             return None
         decision: Decision | None = None
         amounts = self.metering.amounts(request.method, path)
@@ -179,7 +180,6 @@ class FlaskMetering:
             return _response(self._problem(decision))
         g.usage_guard_decision, g.usage_guard_subject = decision, who
         g.usage_guard_amounts = amounts
-        g.usage_guard_token = bind(who, self.guard)
         return None
 
     def after(self, response: Response) -> Response:

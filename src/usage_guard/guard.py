@@ -134,7 +134,8 @@ class UsageGuard:
     def _run(self, call: Call[T]) -> T:
         failures_before = self.runtime.failures.backend_errors
         try:
-            reply = self.backend.sync().run(call.script, call.keys, call.args)
+            wait = self.runtime.wait(call, self.backend.timeout)
+            reply = self.backend.sync().run(call.script, call.keys, call.args, wait)
         except Exception as error:  # what it means is for the error table to say
             return self.runtime.failed(call, error)
         return self.runtime.completed(call, reply, failures_before)

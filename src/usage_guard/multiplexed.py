@@ -147,7 +147,19 @@ class MultiplexedScripts:
         self._by_loop: dict[asyncio.AbstractEventLoop, _Multiplexed] = {}
         self._connecting: dict[asyncio.AbstractEventLoop, asyncio.Task[_Multiplexed]] = {}
 
-    async def run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
+    async def run(
+        self, script: str, keys: list[str], args: list[str | int], wait: float | None = None
+    ) -> Any:
+        if wait is None:
+            return await self._run(script, keys, args)
+        # A later call of a request, with less than the timeout left: given up on as a
+        # whole (connecting included); its reply, if it comes, is read and dropped.
+        try:
+            return await asyncio.wait_for(self._run(script, keys, args), wait)
+        except asyncio.TimeoutError:
+            raise RedisTimeoutError("Redis did not answer within this request's time") from None
+
+    async def _run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
         connection = self._connection
         if connection is None or connection.closed or connection.loop is not get_running_loop():
             connection = await self._connect()

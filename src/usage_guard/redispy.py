@@ -63,8 +63,12 @@ class RedisScripts:
         self._scripts = {name: client.register_script(src) for name, src in SOURCES.items()}
         self._timeout = timeout
 
-    def run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
-        deadline = time.monotonic() + self._timeout
+    def run(
+        self, script: str, keys: list[str], args: list[str | int], wait: float | None = None
+    ) -> Any:
+        # ``wait`` bounds the tries during a slot migration; each reply is bounded by the
+        # client's socket timeout, which redis-py's sync clients fix per connection.
+        deadline = time.monotonic() + (self._timeout if wait is None else wait)
         delay = RESHARD_DELAYS[0]
         while True:
             try:
@@ -135,8 +139,10 @@ class AsyncRedisScripts:
             raise
         self._connected = True
 
-    async def run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
-        deadline = time.monotonic() + self._wait
+    async def run(
+        self, script: str, keys: list[str], args: list[str | int], wait: float | None = None
+    ) -> Any:
+        deadline = time.monotonic() + (self._wait if wait is None else wait)
         if not self._connected:
             await self._connect()
         if self._turns.locked():

@@ -3,10 +3,14 @@ policy's answers and its threshold listeners (shared by a guard and its async tw
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from .catalog import Catalog, Metric
+from .context import current_budget
 from .decision import Decision
 from .errors import BackendMisconfigured, BackendUnavailable, CorruptedCounter, InvalidUsage
 from .failures import Failures
@@ -60,6 +64,21 @@ class Runtime:
             remaining=None,
             resets_at=period.end if metric.monthly else None,
         )
+
+    def wait(self, call: Call[Any], timeout: float) -> float | None:
+        """How long ``call`` may wait for Redis: what the current request has left of
+        its ``timeout`` (None: all of it, as for the request's first call). Raises a
+        timeout when nothing is left, so the policy answers at once."""
+        budget = current_budget()
+        if budget is None or not call.bounded:
+            return None
+        if budget.deadline is None:
+            budget.deadline = time.monotonic() + timeout
+            return None
+        left = budget.deadline - time.monotonic()
+        if left <= 0:
+            raise RedisTimeoutError("this request's time for Redis is spent")
+        return left
 
     def completed(self, call: Call[T], reply: Any, failures_before: int) -> T:
         """The result of a call Redis answered; its threshold events go to the listeners.

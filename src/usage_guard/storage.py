@@ -36,7 +36,10 @@ class ScriptRunner(Protocol):
     ``command`` sends any other command (``ping()``'s probes).
     """
 
-    def run(self, script: str, keys: list[str], args: list[str | int]) -> Any: ...
+    def run(
+        self, script: str, keys: list[str], args: list[str | int], wait: float | None = None
+    ) -> Any:
+        """``wait``: the longest to wait for the reply, when shorter than the timeout."""
 
     def command(self, *args: str | int) -> Any: ...
 
@@ -46,7 +49,9 @@ class ScriptRunner(Protocol):
 class AsyncScriptRunner(Protocol):
     """The asyncio form of :class:`ScriptRunner`."""
 
-    async def run(self, script: str, keys: list[str], args: list[str | int]) -> Any: ...
+    async def run(
+        self, script: str, keys: list[str], args: list[str | int], wait: float | None = None
+    ) -> Any: ...
 
     async def command(self, *args: str | int) -> Any: ...
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -124,9 +125,10 @@ def new_reader() -> hiredis.Reader:
 class _Socket:
     """One blocking connection; after any error it is unusable and the caller closes it."""
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, endpoint: Endpoint, wait: float | None = None) -> None:
         try:
-            sock = socket.create_connection((endpoint.host, endpoint.port), endpoint.timeout)
+            timeout = endpoint.timeout if wait is None else wait
+            sock = socket.create_connection((endpoint.host, endpoint.port), timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if endpoint.tls is not None:
                 sock = endpoint.tls.wrap_socket(sock, server_hostname=endpoint.host)
@@ -171,10 +173,12 @@ class SocketScripts:
         self._idle: list[_Socket] = []
         self._pid = os.getpid()
 
-    def run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
+    def run(
+        self, script: str, keys: list[str], args: list[str | int], wait: float | None = None
+    ) -> Any:
         # hiredis' stub types the tuple as one element.
         command = hiredis.pack_command(("EVALSHA", SHAS[script], len(keys), *keys, *args))  # type: ignore[arg-type]
-        return self._exchange(command, script, keys, args)
+        return self._exchange(command, script, keys, args, wait)
 
     def command(self, *args: str | int) -> Any:
         """Any other command, e.g. ``command("HGET", key, field)``."""
@@ -186,17 +190,26 @@ class SocketScripts:
         script: str | None = None,
         keys: list[str] | None = None,
         args: list[str | int] | None = None,
+        wait: float | None = None,
     ) -> Any:
         """Send ``command`` on an idle socket (a new one if none); a script the server
-        does not know yet (NOSCRIPT) is sent once more, whole."""
+        does not know yet (NOSCRIPT) is sent once more, whole. ``wait`` bounds this
+        exchange as a whole, connecting included, when shorter than the timeout."""
         if self._pid != os.getpid():
             # A forked child must not talk on its parent's sockets.
             self._idle, self._pid = [], os.getpid()
-        connection = self._idle.pop() if self._idle else _Socket(self.endpoint)
+        deadline = None if wait is None else time.monotonic() + wait
+        connection = self._idle.pop() if self._idle else _Socket(self.endpoint, wait)
         try:
+            if deadline is not None:
+                connection.sock.settimeout(max(0.001, deadline - time.monotonic()))
             reply = connection.call(command)
             if script is not None and isinstance(reply, NoScriptError):
+                if deadline is not None:
+                    connection.sock.settimeout(max(0.001, deadline - time.monotonic()))
                 reply = connection.call(eval_source(script, keys or [], args or []))
+            if deadline is not None:
+                connection.sock.settimeout(self.endpoint.timeout)
         except BaseException:
             connection.close()
             raise

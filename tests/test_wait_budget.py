@@ -1,0 +1,171 @@
+"""One wait budget per request: every call of the library within one request (the
+middleware's, require(), @metered, rate limits) waits for Redis at most ``timeout`` in
+all; settling finished work is exempt."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import Depends, FastAPI
+from flask import Flask
+from redis.crc import key_slot
+from starlette.testclient import TestClient
+
+from cluster import Cluster
+from conftest import RedisProcess
+from usage_guard import Plan, Subject, UsageGuard
+from usage_guard.asgi import from_headers
+from usage_guard.context import Budget, bind, unbind
+from usage_guard.fastapi import install
+from usage_guard.flask import UsageGuardFlask
+
+TIMEOUT = 1.0
+PLANS = {
+    "free": Plan(
+        "free",
+        {"api_calls": 1000, "emails": 1000, "ai_tokens": 10_000},
+        rate_limits={"api_calls": "100/second"},
+    )
+}
+ACME = {"x-org-id": "acme"}
+
+
+def test_a_call_past_the_requests_budget_is_answered_by_the_policy_at_once(
+    make_guard: Callable[..., UsageGuard],
+) -> None:
+    guard = make_guard(plans=PLANS, default_plan="free", on_backend_error={"emails": "deny"})
+    reservation = guard.reserve("acme", "ai_tokens", 500)
+    spent = Budget()
+    spent.deadline = time.monotonic() - 0.001
+    token = bind(Subject("acme"), guard, spent)
+    try:
+        assert guard.consume("acme", "emails").scope == "unavailable"  # fail-closed: denied
+        assert not guard.consume("acme", "emails").allowed
+        assert guard.failures.backend_errors == 2
+        # Settling finished work is exempt: it has its own timeout.
+        assert reservation.settle(300) is True
+    finally:
+        unbind(token)
+    assert guard.usage("acme").meters["ai_tokens"].used == 300
+    assert guard.usage("acme").meters["emails"].used == 0
+
+
+@pytest.fixture
+def paused(redis_process: RedisProcess) -> Iterator[Callable[[], None]]:
+    """``pause()`` stops the server (SIGSTOP) until the test ends."""
+    stopped: list[bool] = []
+
+    def pause() -> None:
+        os.kill(redis_process.process.pid, signal.SIGSTOP)
+        stopped.append(True)
+
+    yield pause
+    if stopped:
+        os.kill(redis_process.process.pid, signal.SIGCONT)
+
+
+def fastapi_app(guard: UsageGuard) -> FastAPI:
+    app = FastAPI()
+    install(app, guard=guard, identify=from_headers())
+
+    @guard.aio.metered("ai_tokens", 10)
+    async def complete() -> str:
+        return "done"
+
+    @app.post("/complete", dependencies=[Depends(guard.require("emails"))])
+    async def endpoint() -> dict[str, Any]:
+        return {"text": await complete()}
+
+    return app
+
+
+def flask_app(guard: UsageGuard) -> Flask:
+    app = Flask(__name__)
+    UsageGuardFlask(app, guard=guard, identify=from_headers())
+
+    @guard.metered("emails")
+    def send() -> str:
+        return "sent"
+
+    @guard.metered("ai_tokens", 10)
+    def complete() -> str:
+        return "done"
+
+    @app.post("/complete")
+    def endpoint() -> dict[str, Any]:
+        return {"sent": send(), "text": complete()}
+
+    return app
+
+
+def timed(request: Callable[[], Any]) -> tuple[float, Any]:
+    started = time.monotonic()
+    response = request()
+    return time.monotonic() - started, response
+
+
+def test_an_asgi_request_waits_at_most_the_timeout_in_all(
+    redis_process: RedisProcess, paused: Callable[[], None]
+) -> None:
+    """Middleware (rate limit + api_calls), require() and @metered: four calls."""
+    guard = UsageGuard.from_url(
+        redis_process.url, plans=PLANS, default_plan="free", timeout=TIMEOUT
+    )
+    with TestClient(fastapi_app(guard)) as client:
+        assert client.post("/complete", headers=ACME).status_code == 200
+        paused()
+        elapsed, response = timed(lambda: client.post("/complete", headers=ACME))
+        assert client.portal is not None
+        client.portal.call(guard.aio.aclose)
+    assert response.status_code == 200  # fail-open: served, unmetered
+    assert elapsed < TIMEOUT + 0.5, elapsed
+    guard.close(timeout=0)
+
+
+def test_a_flask_request_waits_at_most_the_timeout_in_all(
+    redis_process: RedisProcess, paused: Callable[[], None]
+) -> None:
+    """The extension (rate limit + api_calls) and two @metered calls in the view."""
+    guard = UsageGuard.from_url(
+        redis_process.url, plans=PLANS, default_plan="free", timeout=TIMEOUT
+    )
+    client = flask_app(guard).test_client()
+    assert client.post("/complete", headers=ACME).status_code == 200
+    paused()
+    elapsed, response = timed(lambda: client.post("/complete", headers=ACME))
+    assert response.status_code == 200
+    assert elapsed < TIMEOUT + 0.5, elapsed
+    guard.close(timeout=0)
+
+
+@pytest.mark.cluster
+def test_an_asgi_request_on_a_cluster_waits_at_most_the_timeout_in_all(tmp_path: Path) -> None:
+    """The node owning the org's slot hangs: redis-py's async cluster client, four calls."""
+    cluster = Cluster(tmp_path)
+    try:
+        guard = UsageGuard.from_url(
+            cluster.url(), plans=PLANS, default_plan="free", timeout=TIMEOUT
+        )
+        with TestClient(fastapi_app(guard)) as client:
+            assert client.post("/complete", headers=ACME).status_code == 200
+            owner = cluster.master_of(key_slot(b"acme"))
+            os.kill(owner.process.pid, signal.SIGSTOP)
+            try:
+                elapsed, response = timed(lambda: client.post("/complete", headers=ACME))
+            finally:
+                os.kill(owner.process.pid, signal.SIGCONT)
+            # Answered after the calls given up on: those have their replies by then.
+            assert client.post("/complete", headers=ACME).status_code == 200
+            assert client.portal is not None
+            client.portal.call(guard.aio.aclose)
+        assert response.status_code == 200
+        assert elapsed < TIMEOUT + 0.5, elapsed
+        guard.close(timeout=0)
+    finally:
+        cluster.stop()
