@@ -7,6 +7,7 @@ import asyncio
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 
 from conftest import RedisProcess
 from usage_guard import BackendUnavailable, Decision, Plan, UsageGuard, UsageLimitExceeded
+from usage_guard.runtime import PROBE_INTERVAL
 
 PLANS = {"free": Plan("free", {"emails": 10, "ai_tokens": 1000})}
 TIMEOUT = 0.2
@@ -122,6 +124,7 @@ def test_the_guard_recovers_when_redis_is_back(
     assert guard.consume("acme", "emails").scope == "unavailable"
     replacement = RedisProcess(tmp_path, port=redis_process.port)
     try:
+        time.sleep(PROBE_INTERVAL)  # the breaker lets the next call probe the server
         # A new, empty server: the script is loaded again (NOSCRIPT) and counting restarts.
         back = guard.consume("acme", "emails", 2)
         assert (back.allowed, back.scope, back.used) == (True, "organization", 2)

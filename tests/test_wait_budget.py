@@ -1,9 +1,10 @@
-"""One wait budget per request: every call of the library within one request (the
-middleware's, require(), @metered, rate limits) waits for Redis at most ``timeout`` in
-all; settling finished work is exempt."""
+"""Time: one wait budget per request (every call of the library within one request, the
+middleware's, require(), @metered and rate limits, waits for Redis at most ``timeout`` in
+all; settling finished work is exempt) and a breaker per node."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -24,6 +25,7 @@ from usage_guard.asgi import from_headers
 from usage_guard.context import Budget, bind, unbind
 from usage_guard.fastapi import install
 from usage_guard.flask import UsageGuardFlask
+from usage_guard.runtime import PROBE_INTERVAL
 
 TIMEOUT = 1.0
 PLANS = {
@@ -169,3 +171,60 @@ def test_an_asgi_request_on_a_cluster_waits_at_most_the_timeout_in_all(tmp_path:
         guard.close(timeout=0)
     finally:
         cluster.stop()
+
+
+# -- a breaker per node -----------------------------------------------------------------
+
+
+def test_a_hung_server_costs_one_timeout_then_calls_fail_fast_until_a_probe_answers(
+    redis_process: RedisProcess, paused: Callable[[], None]
+) -> None:
+    guard = UsageGuard.from_url(redis_process.url, plans=PLANS, default_plan="free", timeout=0.5)
+    assert guard.consume("acme", "emails").allowed
+    paused()
+    first, decision = timed(lambda: guard.consume("acme", "emails"))
+    assert decision.scope == "unavailable" and first >= 0.5
+    rest, decisions = timed(lambda: [guard.consume("acme", "emails") for _ in range(20)])
+    assert {d.scope for d in decisions} == {"unavailable"}
+    assert rest < 0.4, rest  # at most one probe (0.5 s after the failure) waited
+    assert guard.failures.backend_errors == 21  # every call the policy answered, counted
+    os.kill(redis_process.process.pid, signal.SIGCONT)
+    time.sleep(PROBE_INTERVAL)
+    assert guard.consume("acme", "emails").scope == "organization"  # the probe answered
+    assert guard.consume("acme", "emails").scope == "organization"
+    guard.close(timeout=0)
+
+
+def test_at_most_one_probe_is_in_flight(
+    redis_process: RedisProcess, paused: Callable[[], None]
+) -> None:
+    guard = UsageGuard.from_url(redis_process.url, plans=PLANS, default_plan="free", timeout=0.5)
+
+    async def calls() -> list[float]:
+        aio = guard.aio
+        await aio.consume("acme", "emails")
+        paused()
+        await aio.consume("acme", "emails")  # opens the breaker
+        await asyncio.sleep(PROBE_INTERVAL)
+
+        async def one() -> float:
+            started = time.monotonic()
+            assert (await aio.consume("acme", "emails")).scope == "unavailable"
+            return time.monotonic() - started
+
+        waits = await asyncio.gather(*(one() for _ in range(10)))
+        await aio.aclose()
+        return waits
+
+    waits = asyncio.run(calls())
+    assert sum(wait >= 0.4 for wait in waits) == 1, waits  # the probe; the rest failed fast
+    guard.close(timeout=0)
+
+
+@pytest.mark.cluster
+def test_a_cluster_has_no_guard_wide_breaker(cluster_url: str) -> None:
+    # One hung master must never refuse the orgs of the others: a Cluster's nodes each
+    # need their own breaker, which the guard-wide one is not.
+    guard = UsageGuard.from_url(cluster_url, plans=PLANS, default_plan="free")
+    assert guard.runtime.breaker is None
+    guard.close()

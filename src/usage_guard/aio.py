@@ -71,7 +71,7 @@ class AsyncUsageGuard:
     async def _run(self, call: Call[T]) -> T:
         failures_before = self.runtime.failures.backend_errors
         try:
-            wait = self.runtime.wait(call, self.backend.timeout)
+            wait = self.runtime.admit(call, self.backend.timeout)
             reply = await self.backend.aio().run(call.script, call.keys, call.args, wait)
         except Exception as error:  # what it means is for the error table to say
             return self.runtime.failed(call, error)

@@ -28,6 +28,14 @@ import traceback
 from redis import exceptions as redis_errors
 
 
+class CircuitOpen(redis_errors.ConnectionError):
+    """A call not sent: the node failed, and the breaker waits for its probe to succeed."""
+
+
+class BudgetSpent(redis_errors.TimeoutError):
+    """A call not sent: its request has already waited its ``timeout`` for Redis."""
+
+
 class Fault(enum.Enum):
     OUTAGE = "outage"
     MISCONFIGURED = "misconfigured"

@@ -19,7 +19,7 @@ from .periods import Clock
 from .plans import Plan
 from .report import Report
 from .reservations import Reservation
-from .runtime import BackendErrorPolicy, Runtime
+from .runtime import BackendErrorPolicy, Breaker, Runtime
 from .settling import Settler
 from .storage import Backend
 from .usage import Usage
@@ -111,6 +111,8 @@ class UsageGuard:
             reservation_ttl=reservation_ttl,
         )
         backend = Backend(url, timeout=timeout, max_connections=max_connections)
+        if not backend.cluster:
+            runtime.breaker = Breaker()
         return cls(calls, runtime, backend)
 
     @property
@@ -134,7 +136,7 @@ class UsageGuard:
     def _run(self, call: Call[T]) -> T:
         failures_before = self.runtime.failures.backend_errors
         try:
-            wait = self.runtime.wait(call, self.backend.timeout)
+            wait = self.runtime.admit(call, self.backend.timeout)
             reply = self.backend.sync().run(call.script, call.keys, call.args, wait)
         except Exception as error:  # what it means is for the error table to say
             return self.runtime.failed(call, error)

@@ -3,18 +3,17 @@ policy's answers and its threshold listeners (shared by a guard and its async tw
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
-
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .catalog import Catalog, Metric
 from .context import current_budget
 from .decision import Decision
 from .errors import BackendMisconfigured, BackendUnavailable, CorruptedCounter, InvalidUsage
 from .failures import Failures
-from .faults import DATA_REPLY, Fault, classify
+from .faults import DATA_REPLY, BudgetSpent, CircuitOpen, Fault, classify
 from .listeners import Dispatcher, Listener
 from .periods import Period
 
@@ -23,6 +22,43 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 BackendErrorPolicy = Literal["allow", "deny"]
+
+#: Seconds between two probes of a node whose breaker is open.
+PROBE_INTERVAL = 0.5
+
+
+class Breaker:
+    """A node's circuit breaker. After an outage (a timeout, a refused connection, an
+    outage reply) it opens: calls fail fast as unavailable, without waiting for the
+    node, except one probe at most every ``interval`` seconds (never two in flight).
+    Any answer from the node closes it."""
+
+    def __init__(self, interval: float = PROBE_INTERVAL) -> None:
+        self.interval = interval
+        self.open = False
+        self._probing = False
+        self._next_probe = 0.0
+        self._lock = threading.Lock()
+
+    def admits(self) -> bool:
+        """Whether a call may go to the node now (while open: as the probe)."""
+        if not self.open:
+            return True
+        with self._lock:
+            if self._probing or time.monotonic() < self._next_probe:
+                return False
+            self._probing = True
+            return True
+
+    def failed(self) -> None:
+        with self._lock:
+            self.open, self._probing = True, False
+            self._next_probe = time.monotonic() + self.interval
+
+    def answered(self) -> None:
+        if self.open:
+            with self._lock:
+                self.open = self._probing = False
 
 
 class Runtime:
@@ -38,6 +74,8 @@ class Runtime:
         self.listeners: list[Listener] = []
         self.failures = Failures()
         self.events = Dispatcher(self.listeners, self.failures)
+        #: The breaker of the one node a single-server backend talks to (None: a Cluster).
+        self.breaker: Breaker | None = None
 
     def _backend_policy(
         self, policy: BackendErrorPolicy | Mapping[str, BackendErrorPolicy]
@@ -65,10 +103,13 @@ class Runtime:
             resets_at=period.end if metric.monthly else None,
         )
 
-    def wait(self, call: Call[Any], timeout: float) -> float | None:
+    def admit(self, call: Call[Any], timeout: float) -> float | None:
         """How long ``call`` may wait for Redis: what the current request has left of
         its ``timeout`` (None: all of it, as for the request's first call). Raises a
-        timeout when nothing is left, so the policy answers at once."""
+        timeout when nothing is left, and :class:`CircuitOpen` while the node's breaker
+        refuses calls, so the policy answers at once."""
+        if self.breaker is not None and not self.breaker.admits():
+            raise CircuitOpen("Redis failed and is not asked again until a probe answers")
         budget = current_budget()
         if budget is None or not call.bounded:
             return None
@@ -77,7 +118,7 @@ class Runtime:
             return None
         left = budget.deadline - time.monotonic()
         if left <= 0:
-            raise RedisTimeoutError("this request's time for Redis is spent")
+            raise BudgetSpent("this request's time for Redis is spent")
         return left
 
     def completed(self, call: Call[T], reply: Any, failures_before: int) -> T:
@@ -85,6 +126,8 @@ class Runtime:
         ``failures_before``: ``failures.backend_errors`` when the call was sent."""
         if self.failures.failing:
             self.failures.recovered(failures_before)
+        if self.breaker is not None and self.breaker.open:
+            self.breaker.answered()
         result, events = call.parse(reply)
         if events:
             self.events.publish(events)
@@ -92,7 +135,13 @@ class Runtime:
 
     def failed(self, call: Call[T], error: Exception) -> T:
         """Record a failed call; answer by the call's fallback (the outage policy)."""
-        if classify(error) is Fault.DATA:
+        fault = classify(error)
+        if self.breaker is not None and not isinstance(error, (CircuitOpen, BudgetSpent)):
+            if fault is Fault.OUTAGE:
+                self.breaker.failed()
+            else:
+                self.breaker.answered()  # the node answered, or the fault is not its
+        if fault is Fault.DATA:
             key = str(error).removeprefix(DATA_REPLY).partition(" holds no integer")[0]
             raise CorruptedCounter(key) from None
         fault = self.failures.record(error)

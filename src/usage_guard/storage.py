@@ -100,7 +100,9 @@ class Backend:
         self._endpoint: Endpoint | None = None
         if parts.scheme in ("redis", "rediss") and client == "lean":
             self._endpoint = _endpoint(self.client_url, timeout)
-        self._seeds = cluster_seeds(self.client_url) if parts.scheme.endswith("+cluster") else None
+        #: Whether the URL names a Redis Cluster (several nodes) rather than one server.
+        self.cluster = parts.scheme.endswith("+cluster")
+        self._seeds = cluster_seeds(self.client_url) if self.cluster else None
         self._server: Any = None
         if parts.scheme == "memory":
             self._server = _memory_server(parts.netloc + parts.path)
