@@ -212,6 +212,10 @@ class SocketScripts:
                 connection.sock.settimeout(self.endpoint.timeout)
         except BaseException:
             connection.close()
+            # The idle sockets lead to the same server: after a restart they are all
+            # dead, and a probe (one call per breaker interval) must not find them one
+            # by one.
+            self.close()
             raise
         if len(self._idle) < IDLE_SOCKETS:
             self._idle.append(connection)
