@@ -25,7 +25,7 @@ from usage_guard.asgi import from_headers
 from usage_guard.context import Budget, bind, unbind
 from usage_guard.fastapi import install
 from usage_guard.flask import UsageGuardFlask
-from usage_guard.runtime import PROBE_INTERVAL
+from usage_guard.runtime import PROBE_INTERVAL, Breaker
 
 TIMEOUT = 1.0
 PLANS = {
@@ -228,3 +228,33 @@ def test_a_cluster_has_no_guard_wide_breaker(cluster_url: str) -> None:
     guard = UsageGuard.from_url(cluster_url, plans=PLANS, default_plan="free")
     assert guard.runtime.breaker is None
     guard.close()
+
+
+def test_a_probe_that_never_ends_cannot_hold_the_breaker_open() -> None:
+    breaker = Breaker(timeout=0.05, interval=0.05)
+    breaker.failed()
+    assert not breaker.admits()
+    time.sleep(0.06)
+    assert breaker.admits()  # the probe, cancelled before it could say how it went
+    assert not breaker.admits()  # never two in flight
+    time.sleep(0.11)
+    assert breaker.admits()  # its time is over: another probe
+    breaker.answered()
+    assert breaker.admits() and breaker.admits()
+
+
+def test_a_call_past_its_budget_does_not_use_up_the_probe(
+    make_guard: Callable[..., UsageGuard],
+) -> None:
+    guard = make_guard(plans=PLANS, default_plan="free")
+    breaker = guard.runtime.breaker = Breaker(timeout=1.0, interval=0.0)
+    breaker.failed()
+    spent = Budget()
+    spent.deadline = time.monotonic() - 0.001
+    token = bind(Subject("acme"), guard, spent)
+    try:
+        assert guard.consume("acme", "emails").scope == "unavailable"
+    finally:
+        unbind(token)
+    assert guard.consume("acme", "emails").scope == "organization"  # the probe, answered
+    assert not breaker.open

@@ -112,7 +112,7 @@ class UsageGuard:
         )
         backend = Backend(url, timeout=timeout, max_connections=max_connections)
         if not backend.cluster:
-            runtime.breaker = Breaker()
+            runtime.breaker = Breaker(timeout)
         return cls(calls, runtime, backend)
 
     @property

@@ -1,5 +1,6 @@
 """The one place that holds a guard's mutable runtime state: its failures, its outage
-policy's answers and its threshold listeners (shared by a guard and its async twin)."""
+policy's answers, its breaker, the request's wait budget and its threshold listeners
+(shared by a guard and its async twin)."""
 
 from __future__ import annotations
 
@@ -30,13 +31,15 @@ PROBE_INTERVAL = 0.5
 class Breaker:
     """A node's circuit breaker. After an outage (a timeout, a refused connection, an
     outage reply) it opens: calls fail fast as unavailable, without waiting for the
-    node, except one probe at most every ``interval`` seconds (never two in flight).
-    Any answer from the node closes it."""
+    node, except one probe at most every ``interval`` seconds. A probe waits at most
+    ``timeout``, and the next one may start only after that: never two in flight, and
+    a probe that never ends (a cancelled task) cannot hold the breaker open. Any
+    answer from the node closes it."""
 
-    def __init__(self, interval: float = PROBE_INTERVAL) -> None:
+    def __init__(self, timeout: float, interval: float = PROBE_INTERVAL) -> None:
+        self.timeout = timeout
         self.interval = interval
         self.open = False
-        self._probing = False
         self._next_probe = 0.0
         self._lock = threading.Lock()
 
@@ -45,24 +48,26 @@ class Breaker:
         if not self.open:
             return True
         with self._lock:
-            if self._probing or time.monotonic() < self._next_probe:
+            now = time.monotonic()
+            if now < self._next_probe:
                 return False
-            self._probing = True
+            self._next_probe = now + self.timeout + self.interval
             return True
 
     def failed(self) -> None:
         with self._lock:
-            self.open, self._probing = True, False
+            self.open = True
             self._next_probe = time.monotonic() + self.interval
 
     def answered(self) -> None:
         if self.open:
             with self._lock:
-                self.open = self._probing = False
+                self.open = False
 
 
 class Runtime:
-    """Failures counted and logged, the ``on_backend_error`` policy, threshold listeners."""
+    """Failures counted and logged, the ``on_backend_error`` policy, the breaker, the
+    request's wait budget, threshold listeners."""
 
     def __init__(
         self,
@@ -108,18 +113,19 @@ class Runtime:
         its ``timeout`` (None: all of it, as for the request's first call). Raises a
         timeout when nothing is left, and :class:`CircuitOpen` while the node's breaker
         refuses calls, so the policy answers at once."""
+        wait = None
+        budget = current_budget()
+        if budget is not None and call.bounded:
+            if budget.deadline is None:
+                budget.deadline = time.monotonic() + timeout
+            else:
+                wait = budget.deadline - time.monotonic()
+                if wait <= 0:
+                    raise BudgetSpent("this request's time for Redis is spent")
+        # Last: a call the breaker admits as its probe is sent.
         if self.breaker is not None and not self.breaker.admits():
             raise CircuitOpen("Redis failed and is not asked again until a probe answers")
-        budget = current_budget()
-        if budget is None or not call.bounded:
-            return None
-        if budget.deadline is None:
-            budget.deadline = time.monotonic() + timeout
-            return None
-        left = budget.deadline - time.monotonic()
-        if left <= 0:
-            raise BudgetSpent("this request's time for Redis is spent")
-        return left
+        return wait
 
     def completed(self, call: Call[T], reply: Any, failures_before: int) -> T:
         """The result of a call Redis answered; its threshold events go to the listeners.
