@@ -123,7 +123,8 @@ class Runtime:
                 if wait <= 0:
                     raise BudgetSpent("this request's time for Redis is spent")
         # Last: a call the breaker admits as its probe is sent.
-        if self.breaker is not None and not self.breaker.admits():
+        breaker = self.breaker
+        if breaker is not None and breaker.open and not breaker.admits():
             raise CircuitOpen("Redis failed and is not asked again until a probe answers")
         return wait
 
