@@ -88,8 +88,7 @@ class Calls:
             raise InvalidUsage("history_months must be an int from 1 to 120")
         self.catalog = catalog
         self.plans = Plans(plans, default_plan, catalog)
-        self.clock: Clock = clock or utc_now
-        self.time = GuardClock(self.clock, history_months)
+        self.time = GuardClock(clock or utc_now, history_months)
         self.prefix = prefix
         self.history_months = history_months
         self.reservation_ttl = check_reservation_ttl(reservation_ttl, "reservation_ttl")
@@ -99,6 +98,11 @@ class Calls:
         self._default_plan = default_plan or ""
         # Per metric, the spec the scripts read its cap, reset and every plan's limit from.
         self._specs = {m.name: self._spec(m, history_months) for m in catalog}
+
+    @property
+    def clock(self) -> Clock:
+        """The guard's clock (``clock=`` of ``from_url``; the real one by default)."""
+        return self.time.clock
 
     def _spec(self, metric: Metric, history_months: int) -> str:
         """What the scripts need to know of a metric: see the header of ``lua/_lib.lua``."""

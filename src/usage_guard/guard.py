@@ -99,7 +99,8 @@ class UsageGuard:
         """
         if not isinstance(catalog, Catalog):
             raise InvalidUsage("catalog must be a Catalog")
-        runtime = Runtime(catalog, on_backend_error)
+        backend = Backend(url, timeout=timeout, max_connections=max_connections)
+        runtime = Runtime(catalog, on_backend_error, None if backend.cluster else Breaker(timeout))
         calls = Calls(
             unavailable=runtime.unavailable,
             plans=plans,
@@ -110,9 +111,6 @@ class UsageGuard:
             history_months=history_months,
             reservation_ttl=reservation_ttl,
         )
-        backend = Backend(url, timeout=timeout, max_connections=max_connections)
-        if not backend.cluster:
-            runtime.breaker = Breaker(timeout)
         return cls(calls, runtime, backend)
 
     @property

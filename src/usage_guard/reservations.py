@@ -13,7 +13,8 @@ from .periods import Period
 
 if TYPE_CHECKING:
     from .aio import AsyncUsageGuard
-    from .calls import Amounts, Call, Calls
+    from .calls import Amounts, Call
+    from .clock import GuardClock
     from .guard import UsageGuard
 
 logger = logging.getLogger("usage_guard")
@@ -47,10 +48,10 @@ class Ticket:
 class ReservationBase:
     """What the sync and async reservations share: the decision and where to find it again."""
 
-    def __init__(self, decision: Decision, ticket: Ticket, calls: Calls) -> None:
+    def __init__(self, decision: Decision, ticket: Ticket, clock: GuardClock) -> None:
         self.decision = decision
         self.ticket = ticket
-        self._calls = calls
+        self._clock = clock
         #: Settled or cancelled (or handed to the background settler) by this object.
         self.closed = False
 
@@ -62,7 +63,7 @@ class ReservationBase:
     @property
     def open(self) -> bool:
         """Whether the estimate is held: neither settled, cancelled nor expired yet."""
-        return self._held and self._calls.time.now()[2] < self.ticket.deadline
+        return self._held and self._clock.now()[2] < self.ticket.deadline
 
     @property
     def expires_at(self) -> datetime:
@@ -101,7 +102,7 @@ class Reservation(ReservationBase):
     """
 
     def __init__(self, guard: UsageGuard, decision: Decision, ticket: Ticket) -> None:
-        super().__init__(decision, ticket, guard.calls)
+        super().__init__(decision, ticket, guard.calls.time)
         self.guard = guard
 
     def settle(self, actual: int | Amounts) -> bool:
@@ -137,7 +138,7 @@ class AsyncReservation(ReservationBase):
     """The asyncio form of :class:`~usage_guard.guard.Reservation`."""
 
     def __init__(self, guard: AsyncUsageGuard, decision: Decision, ticket: Ticket) -> None:
-        super().__init__(decision, ticket, guard.calls)
+        super().__init__(decision, ticket, guard.calls.time)
         self.guard = guard
 
     async def settle(self, actual: int | Amounts) -> bool:

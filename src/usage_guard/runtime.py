@@ -73,6 +73,7 @@ class Runtime:
         self,
         catalog: Catalog,
         on_backend_error: BackendErrorPolicy | Mapping[str, BackendErrorPolicy] = "allow",
+        breaker: Breaker | None = None,
     ) -> None:
         self.catalog = catalog
         self.deny_on_backend_error = self._backend_policy(on_backend_error)
@@ -80,7 +81,7 @@ class Runtime:
         self.failures = Failures()
         self.events = Dispatcher(self.listeners, self.failures)
         #: The breaker of the one node a single-server backend talks to (None: a Cluster).
-        self.breaker: Breaker | None = None
+        self.breaker = breaker
 
     def _backend_policy(
         self, policy: BackendErrorPolicy | Mapping[str, BackendErrorPolicy]
