@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -160,6 +161,21 @@ def redis_process(tmp_path: Path) -> Iterator[RedisProcess]:
     server = RedisProcess(tmp_path / "redis")
     yield server
     server.stop()
+
+
+@pytest.fixture
+def paused(redis_process: RedisProcess) -> Iterator[Callable[..., None]]:
+    """``paused()`` stops the test's server (SIGSTOP), as a hung Redis; ``paused(False)``
+    resumes it, as does the end of the test."""
+    stopped = [False]
+
+    def pause(stop: bool = True) -> None:
+        os.kill(redis_process.process.pid, signal.SIGSTOP if stop else signal.SIGCONT)
+        stopped[0] = stop
+
+    yield pause
+    if stopped[0]:
+        os.kill(redis_process.process.pid, signal.SIGCONT)
 
 
 @pytest.fixture(scope="session")

@@ -38,6 +38,8 @@ def test_importing_the_core_loads_no_optional_dependency(statement: str) -> None
     ).stdout
     modules = set(json.loads(loaded))
     assert not {m for m in modules if m.split(".")[0] in OPTIONAL}
+    # Not opentelemetry itself: redis-py 8 imports its SDK whenever it is installed.
+    assert "usage_guard.otel" not in modules
 
 
 def test_every_export_resolves_and_unknown_names_raise() -> None:

@@ -251,11 +251,9 @@ def test_report_is_one_round_trip(make_guard: MakeGuard, monkeypatch: pytest.Mon
     calls: list[str] = []
     original = runner.run
 
-    def counting(
-        script: str, keys: list[str], args: list[str | int], wait: float | None = None
-    ) -> Any:
+    def counting(script: str, keys: list[str], args: list[str | int], *rest: Any) -> Any:
         calls.append(script)
-        return original(script, keys, args, wait)
+        return original(script, keys, args, *rest)
 
     monkeypatch.setattr(runner, "run", counting)
     guard.report("acme", user="alice")

@@ -5,10 +5,11 @@ all; settling finished work is exempt) and a breaker per node."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from starlette.testclient import TestClient
 
 from cluster import Cluster
 from conftest import RedisProcess
-from usage_guard import Plan, Subject, UsageGuard
+from usage_guard import Decision, Plan, Subject, UsageGuard
 from usage_guard.asgi import from_headers
 from usage_guard.context import Budget, bind, unbind
 from usage_guard.fastapi import install
@@ -56,20 +57,6 @@ def test_a_call_past_the_requests_budget_is_answered_by_the_policy_at_once(
         unbind(token)
     assert guard.usage("acme").meters["ai_tokens"].used == 300
     assert guard.usage("acme").meters["emails"].used == 0
-
-
-@pytest.fixture
-def paused(redis_process: RedisProcess) -> Iterator[Callable[[], None]]:
-    """``pause()`` stops the server (SIGSTOP) until the test ends."""
-    stopped: list[bool] = []
-
-    def pause() -> None:
-        os.kill(redis_process.process.pid, signal.SIGSTOP)
-        stopped.append(True)
-
-    yield pause
-    if stopped:
-        os.kill(redis_process.process.pid, signal.SIGCONT)
 
 
 def fastapi_app(guard: UsageGuard) -> FastAPI:
@@ -221,13 +208,72 @@ def test_at_most_one_probe_is_in_flight(
     guard.close(timeout=0)
 
 
+def orgs_by_master(cluster: Cluster) -> dict[int, str]:
+    """One org per master, by the master's port."""
+    found: dict[int, str] = {}
+    for n in range(1000):
+        org = f"org{n}"
+        found.setdefault(cluster.master_of(key_slot(f"{{{org}}}".encode())).port, org)
+        if len(found) == len(cluster.masters()):
+            return found
+    raise LookupError("an org per master")
+
+
+HUNG_TIMEOUT = 0.5
+
+
 @pytest.mark.cluster
-def test_a_cluster_has_no_guard_wide_breaker(cluster_url: str) -> None:
-    # One hung master must never refuse the orgs of the others: a Cluster's nodes each
-    # need their own breaker, which the guard-wide one is not.
-    guard = UsageGuard.from_url(cluster_url, plans=PLANS, default_plan="free")
-    assert guard.runtime.breaker is None
-    guard.close()
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_hung_cluster_master_costs_its_orgs_one_timeout_and_the_others_nothing(
+    tmp_path: Path, flavour: str
+) -> None:
+    # The others do not declare it failed meanwhile (that would stop the whole cluster).
+    cluster = Cluster(tmp_path, node_timeout_ms=15_000)
+    try:
+        guard = UsageGuard.from_url(
+            cluster.url(), plans=PLANS, default_plan="free", timeout=HUNG_TIMEOUT
+        )
+        orgs = orgs_by_master(cluster)
+        victim = cluster.masters()[0]
+        hung, healthy = orgs[victim.port], [o for p, o in orgs.items() if p != victim.port]
+        calls: list[tuple[str, float, Decision]] = []
+
+        async def scenario() -> None:
+            aio = guard.aio
+            for org in orgs.values():
+                assert (await aio.consume(org, "emails")).scope == "organization"
+                assert guard.consume(org, "emails").scope == "organization"
+            os.kill(victim.process.pid, signal.SIGSTOP)
+            try:
+                # 3 s of calls, alternating between the hung master's org and the others.
+                until = time.monotonic() + 3
+                while time.monotonic() < until:
+                    for org in [hung, *healthy]:
+                        started = time.monotonic()
+                        if flavour == "sync":
+                            decision = guard.consume(org, "emails")
+                        else:
+                            decision = await aio.consume(org, "emails")
+                        calls.append((org, time.monotonic() - started, decision))
+                        await asyncio.sleep(0.01)
+            finally:
+                os.kill(victim.process.pid, signal.SIGCONT)
+            await aio.aclose()
+
+        asyncio.run(scenario())
+        guard.close(timeout=0)
+    finally:
+        cluster.stop()
+    on_hung = [(wait, d.scope) for org, wait, d in calls if org == hung]
+    on_healthy = [(wait, d.scope) for org, wait, d in calls if org != hung]
+    assert {scope for _, scope in on_hung} == {"unavailable"}
+    # One timeout, then at most one probe per timeout + interval: the rest fail fast.
+    waited = [wait for wait, _ in on_hung if wait >= HUNG_TIMEOUT * 0.8]
+    assert len(waited) <= 1 + 3 / (HUNG_TIMEOUT + PROBE_INTERVAL), on_hung
+    assert len(on_hung) > 2 * len(waited)
+    # The other masters' orgs never noticed.
+    assert {scope for _, scope in on_healthy} == {"organization"}, on_healthy
+    assert max(wait for wait, _ in on_healthy) < HUNG_TIMEOUT / 2, on_healthy
 
 
 def test_a_probe_that_never_ends_cannot_hold_the_breaker_open() -> None:
@@ -258,3 +304,20 @@ def test_a_call_past_its_budget_does_not_use_up_the_probe(
         unbind(token)
     assert guard.consume("acme", "emails").scope == "organization"  # the probe, answered
     assert not breaker.open
+
+
+@pytest.mark.cluster
+def test_closing_a_cluster_guard_right_after_a_failure_closes_its_connections(
+    cluster_url: str,
+) -> None:
+    guard = UsageGuard.from_url(cluster_url, plans=PLANS, default_plan="free")
+
+    async def scenario() -> None:
+        await guard.aio.consume("acme", "emails")
+        # As a failed call leaves redis-py's client until the next call: due to rediscover.
+        guard.backend.aio().client._initialize = True  # type: ignore[attr-defined]
+        await guard.aio.aclose()
+
+    asyncio.run(scenario())
+    guard.close()
+    gc.collect()  # an unclosed connection warns here, and the warning fails the test

@@ -1,8 +1,8 @@
 """usage_guard: meter usage and enforce SaaS plan limits and personal budgets in Redis.
 
 Names are imported on first use (PEP 562), so ``import usage_guard`` stays light and
-the Usage page (jinja2), rate limits (limits) and the FastAPI and Flask integrations
-load only for applications that use them.
+the Usage page (jinja2), rate limits (limits), the FastAPI and Flask integrations and
+the OpenTelemetry adapter load only for applications that use them.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
         UsageLimitExceeded,
     )
     from .guard import UsageGuard
+    from .observe import Observer, Stats
+    from .otel import OpenTelemetryObserver
     from .periods import Period
     from .plans import Plan, load_plans
     from .report import Report
@@ -70,6 +72,9 @@ _EXPORTS = {
     "UsageLimitExceeded": "errors",
     "Reservation": "reservations",
     "UsageGuard": "guard",
+    "Observer": "observe",
+    "Stats": "observe",
+    "OpenTelemetryObserver": "otel",
     "Period": "periods",
     "Plan": "plans",
     "load_plans": "plans",
@@ -95,11 +100,14 @@ __all__ = [
     "MeterUsage",
     "Metric",
     "NotBound",
+    "Observer",
+    "OpenTelemetryObserver",
     "Period",
     "PersonalUsage",
     "Plan",
     "Report",
     "Reservation",
+    "Stats",
     "Subject",
     "ThresholdEvent",
     "Unidentified",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from .calls import Amounts, Call, Calls
@@ -14,6 +15,7 @@ from .errors import BackendUnavailable, CorruptedCounter
 from .failures import Failures
 from .health import PROBES, Health, assess
 from .listeners import Listener
+from .observe import Observer, Stats
 from .report import Report
 from .reservations import AsyncReservation
 from .runtime import Runtime
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from .requirement import Requirement
 
 T = TypeVar("T")
+ObserverT = TypeVar("ObserverT", bound=Observer)
 logger = logging.getLogger("usage_guard")
 
 
@@ -68,14 +71,28 @@ class AsyncUsageGuard:
         """The :attr:`UsageGuard.failures <usage_guard.UsageGuard.failures>` both twins share."""
         return self.runtime.failures
 
+    def stats(self) -> Stats:
+        """:meth:`UsageGuard.stats <usage_guard.UsageGuard.stats>` (the same, not a coroutine)."""
+        return self.sync.stats()
+
+    def observe(self, observer: ObserverT) -> ObserverT:
+        """:meth:`UsageGuard.observe <usage_guard.UsageGuard.observe>`: for both twins."""
+        self.runtime.observe(observer)
+        return observer
+
     async def _run(self, call: Call[T]) -> T:
         failures_before = self.runtime.failures.backend_errors
+        sent = None
         try:
             wait = self.runtime.admit(call, self.backend.timeout)
-            reply = await self.backend.aio().run(call.script, call.keys, call.args, wait)
+            if self.runtime.observer is not None:  # the one check when none is
+                sent = time.perf_counter()
+            reply = await self.backend.aio().run(
+                call.script, call.keys, call.args, wait, call.deadline_arg
+            )
         except Exception as error:  # what it means is for the error table to say
-            return self.runtime.failed(call, error)
-        return self.runtime.completed(call, reply, failures_before)
+            return self.runtime.failed(call, error, sent)
+        return self.runtime.completed(call, reply, failures_before, sent)
 
     @overload
     async def consume(

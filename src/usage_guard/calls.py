@@ -46,14 +46,19 @@ class Call(Generic[T]):
     #: Whether it waits within the request's budget; settling or refunding finished
     #: work does not: it has its own ``timeout``.
     bounded: bool = True
+    #: Where in ``args`` the client writes the moment it gives up on the call, by Redis's
+    #: clock (see :mod:`usage_guard.servertime`); None: the call carries no deadline.
+    deadline_arg: int | None = None
 
 
 #: Single-metric consumptions prepared at once, per (org, metric, user); past it the
 #: cache starts afresh (a prepared call is rebuilt in microseconds).
 PREPARED_SIZE = 4096
-# Where a consume call's arguments hold the keys' TTL, the time and the amount (see
-# lua/_lib.lua).
-_TTL_ARG, _NOW_ARG, _AMOUNT_ARG = 1, 5, 8
+# Where a consume call's arguments hold the keys' TTL, the time, the moment its caller
+# gives up, what the caller is then told and the amount (see lua/_lib.lua).
+_TTL_ARG, _NOW_ARG, DEADLINE_ARG, _LATE_ARG, _AMOUNT_ARG = 1, 5, 7, 8, 10
+#: What a consumption that runs after its caller gave up does (see lua/consume.lua).
+_LATE = {True: "count", False: "skip"}
 
 
 @dataclass(slots=True)
@@ -147,7 +152,10 @@ class Calls:
         pkey = period.key
         ckey = pkey if counted is None else counted.key
         keys = [space.org, space.budgets, space.thresholds(pkey), space.reservations, space.held]
-        args: list[str | int] = [pkey, ttl, self._default_plan, mode, user_id, now_ms, mode_number]
+        args: list[str | int] = [
+            *(pkey, ttl, self._default_plan, mode, user_id, now_ms, mode_number),
+            *(0, ""),  # no deadline (consumptions get theirs in _consume_call)
+        ]
         for metric, amount in items:
             personal = metric.personal and user is not None
             if metric.monthly:
@@ -195,13 +203,19 @@ class Calls:
         keys: list[str],
         args: list[str | int],
     ) -> Call[Decision]:
-        """A run of consume.lua, read into a Decision (the outage policy's when Redis fails)."""
+        """A run of consume.lua, read into a Decision (the outage policy's when Redis fails,
+        and when the call runs after its caller gave up on it: then it is counted, unchecked,
+        if the policy served the caller; a check or a reservation is never counted)."""
+        fallback = partial(self.unavailable, items, period)
+        counts = args[3] in ("consume", "idempotent") and fallback().allowed
+        args[_LATE_ARG] = _LATE[counts]
         return Call(
             "consume",
             keys,
             args,
             partial(self.replies.decision, org, period),
-            lambda: self.unavailable(items, period),
+            fallback,
+            deadline_arg=DEADLINE_ARG,
         )
 
     def _consume_one(self, org: str, metric: str, amount: int, user: str | None) -> Call[Decision]:
@@ -219,7 +233,9 @@ class Calls:
         args[_TTL_ARG] = ttl
         args[_NOW_ARG] = now_ms
         args[_AMOUNT_ARG] = amount
-        return Call("consume", template.keys, args, template.parse, template.fallback)
+        return Call(
+            "consume", template.keys, args, template.parse, template.fallback, True, DEADLINE_ARG
+        )
 
     def _prepare(self, org: str, metric: str, user: str | None, period: Period) -> _Prepared:
         items = [(self.catalog[metric], 0)]

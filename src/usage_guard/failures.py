@@ -42,6 +42,7 @@ class Failures:
         self.unexpected_errors = 0
         self.unsettled = 0
         self.dropped_events = 0
+        self._by_class: dict[str, int] = {}
         #: Whether calls fail: set by every outage or misconfiguration, cleared by a
         #: success that started after the last one.
         self.failing = False
@@ -62,6 +63,8 @@ class Failures:
                 self.unexpected_errors += 1
             else:
                 self.backend_errors += 1
+                name = type(error).__name__
+                self._by_class[name] = self._by_class.get(name, 0) + 1
                 if not self.failing:
                     self.failing, self._outage_began, self._failed_in_outage = True, now, 0
                 self._failed_in_outage += 1
@@ -74,6 +77,11 @@ class Failures:
             self._error_since_recovery_log |= fault is not Fault.UNEXPECTED
         _log(fault, error, skipped)
         return self._raise_if_unexpected(fault, error)
+
+    def by_class(self) -> dict[str, int]:
+        """``backend_errors`` by exception class name (``TimeoutError``, ``CircuitOpen``, ...)."""
+        with self._lock:
+            return dict(self._by_class)
 
     def _raise_if_unexpected(self, fault: Fault, error: Exception) -> Fault:
         if fault is Fault.UNEXPECTED and self.reraise_unexpected:

@@ -36,6 +36,11 @@ class BudgetSpent(redis_errors.TimeoutError):
     """A call not sent: its request has already waited its ``timeout`` for Redis."""
 
 
+class LateReply(redis_errors.TimeoutError):
+    """A call Redis ran after its caller's deadline: its script did what the outage
+    policy answers instead of deciding (see :mod:`usage_guard.servertime`)."""
+
+
 class Fault(enum.Enum):
     OUTAGE = "outage"
     MISCONFIGURED = "misconfigured"

@@ -15,11 +15,12 @@ from .errors import BackendUnavailable, CorruptedCounter, InvalidUsage
 from .failures import Failures
 from .health import PROBES, Health, assess
 from .listeners import Listener
+from .observe import Observer, Stats
 from .periods import Clock
 from .plans import Plan
 from .report import Report
 from .reservations import Reservation
-from .runtime import BackendErrorPolicy, Breaker, Runtime
+from .runtime import BackendErrorPolicy, Breaker, Runtime, node_name
 from .settling import Settler
 from .storage import Backend
 from .usage import Usage
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from .requirement import Requirement
 
 T = TypeVar("T")
+ObserverT = TypeVar("ObserverT", bound=Observer)
 logger = logging.getLogger("usage_guard")
 
 
@@ -100,7 +102,9 @@ class UsageGuard:
         if not isinstance(catalog, Catalog):
             raise InvalidUsage("catalog must be a Catalog")
         backend = Backend(url, timeout=timeout, max_connections=max_connections)
-        runtime = Runtime(catalog, on_backend_error, None if backend.cluster else Breaker(timeout))
+        breaker = None if backend.cluster else Breaker(timeout, node=node_name(backend.client_url))
+        runtime = Runtime(catalog, on_backend_error, breaker)
+        backend.watch = runtime.watch  # a Cluster's nodes' breakers, made as they are used
         calls = Calls(
             unavailable=runtime.unavailable,
             plans=plans,
@@ -127,18 +131,37 @@ class UsageGuard:
 
     @property
     def failures(self) -> Failures:
-        """What went wrong with Redis so far: ``backend_errors`` (outages and
-        misconfigurations), ``unexpected_errors``, ``unsettled``, ``dropped_events``."""
+        """The live counters behind :meth:`stats` (``backend_errors``, ``unexpected_errors``,
+        ``unsettled``, ``dropped_events``): read :meth:`stats` instead."""
         return self.runtime.failures
+
+    def stats(self) -> Stats:
+        """A snapshot of what went wrong with Redis so far: errors (by exception class
+        too), settles given up, threshold events dropped, each node's breaker, the
+        queues. Shared with ``guard.aio``."""
+        return self.runtime.stats(self.settler.pending)
+
+    def observe(self, observer: ObserverT) -> ObserverT:
+        """Install an :class:`~usage_guard.Observer` (for both twins): it hears every
+        decision, Redis call, error, breaker change and threshold, never an org or a
+        user (``usage_guard.otel.OpenTelemetryObserver`` for OpenTelemetry). One that
+        raises is logged, never raised."""
+        self.runtime.observe(observer)
+        return observer
 
     def _run(self, call: Call[T]) -> T:
         failures_before = self.runtime.failures.backend_errors
+        sent = None
         try:
             wait = self.runtime.admit(call, self.backend.timeout)
-            reply = self.backend.sync().run(call.script, call.keys, call.args, wait)
+            if self.runtime.observer is not None:  # the one check when none is
+                sent = time.perf_counter()
+            reply = self.backend.sync().run(
+                call.script, call.keys, call.args, wait, call.deadline_arg
+            )
         except Exception as error:  # what it means is for the error table to say
-            return self.runtime.failed(call, error)
-        return self.runtime.completed(call, reply, failures_before)
+            return self.runtime.failed(call, error, sent)
+        return self.runtime.completed(call, reply, failures_before, sent)
 
     # -- metering ---------------------------------------------------------------------
 

@@ -40,9 +40,16 @@ QUEUE_SIZE = 10_000
 class Dispatcher:
     """Hands events to ``listeners`` (the guard's list, shared by its async twin)."""
 
-    def __init__(self, listeners: list[Listener], failures: Failures) -> None:
+    def __init__(
+        self,
+        listeners: list[Listener],
+        failures: Failures,
+        on_dropped: Callable[[int], None] | None = None,
+    ) -> None:
         self.listeners = listeners
         self._failures = failures
+        #: Told how many events were dropped (the runtime's observers).
+        self._on_dropped = on_dropped
         self._pending = 0
         self._changed = threading.Condition()
         self._executor: ThreadPoolExecutor | None = None
@@ -66,6 +73,8 @@ class Dispatcher:
                     self._pending,
                     len(events),
                 )
+                if self._on_dropped is not None:
+                    self._on_dropped(len(events))
                 return
             self._pending += len(events)
             if self._executor is None:

@@ -8,6 +8,7 @@ Framing, endpoints and error replies are :mod:`usage_guard.wire`'s.
 from __future__ import annotations
 
 import asyncio
+import time
 from asyncio import get_running_loop
 from collections import deque
 from collections.abc import AsyncGenerator
@@ -17,7 +18,15 @@ import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .servertime import TIME, ServerClock
 from .wire import Endpoint, checked, eval_source, evalsha, is_noscript, new_reader, pack
+
+#: Seconds a connection given up on (a reply came too late) keeps reading the replies
+#: still owed to it. Redis runs every command it has read, but once a reply meets a
+#: closed socket it drops the connection with what it had not read yet; kept open, the
+#: commands already sent all run, and their scripts apply what their callers were told
+#: (see usage_guard.servertime).
+DRAIN_TIME = 30.0
 
 
 class _Multiplexed(asyncio.Protocol):
@@ -26,7 +35,8 @@ class _Multiplexed(asyncio.Protocol):
     Timeouts are kept by one watchdog timer per connection rather than one timer
     per call (which would cost about 2 µs a call): it wakes when the oldest
     waiting call is due, and as replies come in order, a late oldest call means
-    the connection is stuck and every call on it fails.
+    the connection is stuck and every call on it fails. The connection then takes no
+    more calls but reads the late replies for up to :data:`DRAIN_TIME` seconds.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
@@ -42,6 +52,24 @@ class _Multiplexed(asyncio.Protocol):
         #: Set while the transport's buffer is over its high-water mark: Redis reads
         #: slower than callers write, and new calls wait instead of growing the buffer.
         self.full: asyncio.Future[None] | None = None
+        #: The server's clock, read before the connection's first consumption.
+        self.clock: ServerClock | None = None
+
+    async def read_clock(self) -> None:
+        reply = checked(await self.send(TIME))
+        self.clock = ServerClock.reading(reply, time.monotonic())
+
+    def deadline(self, until: float | None) -> int:
+        """The moment, by the server's clock, before which a call sent now is not given up
+        on: its own due time, or the oldest waiting call's (when that one is late, every
+        call on the connection fails), or ``until`` (``loop.time()``), whichever is first."""
+        assert self.clock is not None
+        gives_up = self.loop.time() + self.timeout
+        if self.waiting:
+            gives_up = min(gives_up, self.waiting[0][1])
+        if until is not None:
+            gives_up = min(gives_up, until)
+        return self.clock.deadline(gives_up)
 
     async def close_with_the_loop(self) -> None:
         """Close this connection when its loop shuts down, even if nobody calls ``close()``.
@@ -90,6 +118,8 @@ class _Multiplexed(asyncio.Protocol):
                 reply = self.reader.gets()
         except hiredis.ProtocolError as error:
             self.abort(RedisConnectionError(f"unreadable reply from Redis: {error}"))
+        if self.closed and not self.waiting:  # drained: every late reply is in
+            self.abort(RedisConnectionError("the connection was given up on"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.abort(RedisConnectionError("lost the connection to Redis"))
@@ -128,9 +158,19 @@ class _Multiplexed(asyncio.Protocol):
             return
         due = self.waiting[0][1]
         if due <= self.loop.time():
-            self.abort(RedisTimeoutError("Redis did not answer within the timeout"))
+            self.give_up(RedisTimeoutError("Redis did not answer within the timeout"))
         else:
             self._watchdog = self.loop.call_at(due, self._watch)
+
+    def give_up(self, error: Exception) -> None:
+        """Fail every waiting call and take no new ones, but keep reading their replies
+        (see :data:`DRAIN_TIME`); closed when they are all in, or when that time is up."""
+        self.closed = True
+        self.resume_writing()
+        for waiter, _ in self.waiting:
+            if not waiter.done():
+                waiter.set_exception(error)
+        self._watchdog = self.loop.call_later(DRAIN_TIME, self.abort, error)
 
 
 class MultiplexedScripts:
@@ -148,25 +188,46 @@ class MultiplexedScripts:
         self._connecting: dict[asyncio.AbstractEventLoop, asyncio.Task[_Multiplexed]] = {}
 
     async def run(
-        self, script: str, keys: list[str], args: list[str | int], wait: float | None = None
+        self,
+        script: str,
+        keys: list[str],
+        args: list[str | int],
+        wait: float | None = None,
+        deadline_arg: int | None = None,
     ) -> Any:
         if wait is None:
-            return await self._run(script, keys, args)
+            return await self._run(script, keys, args, deadline_arg)
         # A later call of a request, with less than the timeout left: given up on as a
         # whole (connecting included); its reply, if it comes, is read and dropped.
+        until = get_running_loop().time() + wait
         try:
-            return await asyncio.wait_for(self._run(script, keys, args), wait)
+            return await asyncio.wait_for(self._run(script, keys, args, deadline_arg, until), wait)
         except asyncio.TimeoutError:
             raise RedisTimeoutError("Redis did not answer within this request's time") from None
 
-    async def _run(self, script: str, keys: list[str], args: list[str | int]) -> Any:
+    async def _run(
+        self,
+        script: str,
+        keys: list[str],
+        args: list[str | int],
+        deadline_arg: int | None,
+        until: float | None = None,
+    ) -> Any:
         connection = self._connection
         if connection is None or connection.closed or connection.loop is not get_running_loop():
             connection = await self._connect()
         if connection.full is not None:
             await connection.room()
+        if deadline_arg is not None:
+            clock = connection.clock
+            if clock is None or clock.stale(time.monotonic()):
+                await connection.read_clock()
+            # No await from here to the send: the deadline stands for this very send.
+            args[deadline_arg] = connection.deadline(until)
         reply = await connection.send(evalsha(script, keys, args))
         if is_noscript(reply):
+            if deadline_arg is not None:
+                args[deadline_arg] = connection.deadline(until)
             reply = await connection.send(eval_source(script, keys, args))
         return checked(reply)
 
@@ -220,9 +281,6 @@ class MultiplexedScripts:
         except BaseException:
             connection.abort(RedisConnectionError("the connection's handshake failed"))
             raise
-        stale = self._by_loop.get(loop)
-        if stale is not None:
-            stale.abort(RedisConnectionError("replaced by a new connection"))
         # Loops closed by hand without closing theirs (asyncio.run closes them): nothing
         # can close a transport of a closed loop, so their connections are dropped.
         self._by_loop = {

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 import redis.asyncio
@@ -18,7 +19,12 @@ import redis.asyncio.cluster
 import redis.cluster
 from redis.exceptions import AskError, ClusterError, NoScriptError, TryAgainError
 
+from .faults import CircuitOpen, Fault, classify
 from .scripts import SOURCES
+from .servertime import ServerClock
+
+if TYPE_CHECKING:
+    from .runtime import Breaker
 
 #: Seconds before trying again a script whose slot is being migrated: the first wait,
 #: doubled each time up to the second.
@@ -48,6 +54,111 @@ def _routed(client: Any, args: tuple[str | int, ...]) -> dict[str, Any]:
     return {}
 
 
+class _Nodes:
+    """What a runner keeps of each server a redis-py client talks to, by node name ('' for
+    a single server): its clock (see :mod:`usage_guard.servertime`), read on first use,
+    again when stale and after a call to it failed (redis-py reconnects, and a failover
+    moves slots, out of sight), and on a cluster its breaker: a hung or dead master fails
+    fast for its own orgs only."""
+
+    def __init__(
+        self, client: Any, *, clocks: bool, breaker_of: Callable[[str], Breaker] | None
+    ) -> None:
+        self.client = client
+        self.cluster = isinstance(
+            client, (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)
+        )
+        #: Whether calls carry deadlines (in-process fakeredis runs a call at once).
+        self.clocks = clocks
+        self._clocks: dict[str, ServerClock] = {}
+        self._breaker_of = breaker_of if self.cluster else None
+
+    def of(self, keys: list[str]) -> str:
+        """The name of the node a call on ``keys`` goes to."""
+        return str(self.client.get_node_from_key(keys[0]).name) if self.cluster else ""
+
+    def admit(self, node: str) -> None:
+        """Raise :class:`CircuitOpen` while ``node``'s breaker refuses calls."""
+        if self._breaker_of is not None:
+            breaker = self._breaker_of(node)
+            if breaker.open and not breaker.admits():
+                raise CircuitOpen(f"{node} failed and is not asked again until a probe answers")
+
+    def clock(self, node: str) -> ServerClock | None:
+        """The node's clock, None when it must be read first."""
+        clock = self._clocks.get(node)
+        return None if clock is None or clock.stale(time.monotonic()) else clock
+
+    def read_clock(self, node: str, reply: Any) -> ServerClock:
+        """Remember the clock that ``reply`` (lua/clock.lua's, run on ``node``) gives."""
+        clock = self._clocks[node] = ServerClock.reading(reply, time.monotonic())
+        return clock
+
+    def answered(self, node: str) -> None:
+        if self._breaker_of is not None:
+            self._breaker_of(node).answered()
+
+    def failed(self, node: str, error: Exception) -> None:
+        self._clocks.pop(node, None)
+        if self._breaker_of is not None:
+            breaker = self._breaker_of(node)
+            if classify(error) is Fault.OUTAGE and not _slot_moving(error):
+                breaker.failed()
+                if isinstance(self.client, AsyncCluster):
+                    self.client.failed_node = node
+            else:
+                breaker.answered()  # the node answered (an error reply, a redirect)
+
+
+class AsyncCluster(redis.asyncio.cluster.RedisCluster):
+    """redis-py's asyncio cluster client, rediscovering the cluster in the background
+    after a node failed.
+
+    redis-py rediscovers on the next call after a failure, whichever org it is for,
+    holding every other call until it is done, and asks the nodes in random order: with
+    one master hung, that call and every call behind it could wait a whole timeout, and
+    the orgs of healthy masters be refused. Here calls go on with the slots they know
+    (a moved slot still answers MOVED, which redis-py follows) while one rediscovery
+    at a time asks the other nodes first.
+    """
+
+    _discovered = False
+    _rediscovery: asyncio.Task[None] | None = None
+    #: The node that failed last (a runner sets it): asked last when rediscovering.
+    failed_node: str | None = None
+
+    async def initialize(
+        self,
+        additional_startup_nodes_info: list[tuple[str, int]] | None = None,
+        last_failed_node_name: str | None = None,
+    ) -> AsyncCluster:
+        if not (self._initialize and self._discovered):
+            await super().initialize(additional_startup_nodes_info, last_failed_node_name)
+            self._discovered = True
+            return self
+        self._initialize = False
+        if self._rediscovery is None or self._rediscovery.done():
+            failed = last_failed_node_name or self.failed_node
+            self._rediscovery = asyncio.ensure_future(self._rediscover(failed))
+        return self
+
+    async def _rediscover(self, failed: str | None) -> None:
+        try:
+            await self.nodes_manager.initialize(last_failed_node_name=failed)
+        except Exception:
+            self._initialize = True  # the next call starts another one
+
+    async def aclose(self) -> None:
+        rediscovery, self._rediscovery = self._rediscovery, None
+        if rediscovery is not None:
+            rediscovery.cancel()
+            await asyncio.gather(rediscovery, return_exceptions=True)
+        self._discovered = False  # closed: the next call discovers the cluster anew
+        # redis-py closes nothing while a failure has left it due to rediscover.
+        self._initialize = False
+        await super().aclose()
+
+
 class RedisScripts:
     """Runs the package's scripts on a redis-py client (cluster, ``client=redis-py``) or
     fakeredis: one EVALSHA each.
@@ -58,24 +169,52 @@ class RedisScripts:
     ``timeout`` seconds have passed since it began.
     """
 
-    def __init__(self, client: Any, *, timeout: float) -> None:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        timeout: float,
+        deadlines: bool = True,
+        breaker_of: Callable[[str], Breaker] | None = None,
+    ) -> None:
         self.client = client
         self._scripts = {name: client.register_script(src) for name, src in SOURCES.items()}
         self._timeout = timeout
+        self._nodes = _Nodes(client, clocks=deadlines, breaker_of=breaker_of)
 
     def run(
-        self, script: str, keys: list[str], args: list[str | int], wait: float | None = None
+        self,
+        script: str,
+        keys: list[str],
+        args: list[str | int],
+        wait: float | None = None,
+        deadline_arg: int | None = None,
     ) -> Any:
         # ``wait`` bounds the tries during a slot migration; each reply is bounded by the
-        # client's socket timeout, which redis-py's sync clients fix per connection.
+        # client's socket timeout, which redis-py's sync clients fix per connection: a
+        # call that runs after ``wait`` is late for its script, whether or not the client
+        # still reads its reply.
         deadline = time.monotonic() + (self._timeout if wait is None else wait)
         delay = RESHARD_DELAYS[0]
+        nodes = self._nodes
         while True:
+            node = nodes.of(keys)
+            nodes.admit(node)
             try:
-                return self._evalsha(script, keys, args)
+                if deadline_arg is not None and nodes.clocks:
+                    clock = nodes.clock(node) or nodes.read_clock(
+                        node, self._evalsha("clock", keys[:1], [])
+                    )
+                    gives_up = min(time.monotonic() + self._timeout, deadline)
+                    args[deadline_arg] = clock.deadline(gives_up)
+                reply = self._evalsha(script, keys, args)
             except Exception as error:
+                nodes.failed(node, error)
                 if not _slot_moving(error) or time.monotonic() + delay > deadline:
                     raise
+            else:
+                nodes.answered(node)
+                return reply
             time.sleep(delay)
             delay = min(delay * 2, RESHARD_DELAYS[1])
 
@@ -115,11 +254,20 @@ class AsyncRedisScripts:
     being migrated.
     """
 
-    def __init__(self, client: Any, *, max_in_flight: int, wait: float) -> None:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        max_in_flight: int,
+        wait: float,
+        deadlines: bool = True,
+        breaker_of: Callable[[str], Breaker] | None = None,
+    ) -> None:
         self.client = client
         self._scripts = {name: client.register_script(src) for name, src in SOURCES.items()}
         self._turns = asyncio.Semaphore(max_in_flight)
         self._wait = wait
+        self._nodes = _Nodes(client, clocks=deadlines, breaker_of=breaker_of)
         # redis-py's async cluster client connects on first use, and a burst of first
         # calls races that set-up and drops connections: they all wait for one set-up.
         self._connected = not isinstance(client, redis.asyncio.cluster.RedisCluster)
@@ -140,23 +288,32 @@ class AsyncRedisScripts:
         self._connected = True
 
     async def run(
-        self, script: str, keys: list[str], args: list[str | int], wait: float | None = None
+        self,
+        script: str,
+        keys: list[str],
+        args: list[str | int],
+        wait: float | None = None,
+        deadline_arg: int | None = None,
     ) -> Any:
-        deadline = time.monotonic() + (self._wait if wait is None else wait)
+        # The loop's clock, as its timers are: see usage_guard.servertime.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self._wait if wait is None else wait)
         if not self._connected:
             await self._connect()
+        node = self._nodes.of(keys)
+        self._nodes.admit(node)
         if self._turns.locked():
             try:
-                await asyncio.wait_for(self._turns.acquire(), deadline - time.monotonic())
+                await asyncio.wait_for(self._turns.acquire(), deadline - loop.time())
             except asyncio.TimeoutError:
                 raise redis.ConnectionError("no connection free within the timeout") from None
         else:
             await self._turns.acquire()
-        call = asyncio.ensure_future(self._tries(script, keys, args, deadline))
+        call = asyncio.ensure_future(self._tries(script, keys, args, deadline, deadline_arg, node))
         self._pending.add(call)
         call.add_done_callback(self._finished)
-        done, _ = await asyncio.wait((call,), timeout=deadline - time.monotonic())
-        if not done:
+        done, _ = await asyncio.wait((call,), timeout=deadline - loop.time())
+        if not done:  # the call goes on, and tells the node's breaker how it ended
             raise redis.TimeoutError("Redis Cluster did not answer within the timeout")
         return call.result()
 
@@ -167,17 +324,37 @@ class AsyncRedisScripts:
             call.exception()  # read: a call given up on must not log "never retrieved"
 
     async def _tries(
-        self, script: str, keys: list[str], args: list[str | int], deadline: float
+        self,
+        script: str,
+        keys: list[str],
+        args: list[str | int],
+        deadline: float,
+        deadline_arg: int | None,
+        node: str,
     ) -> Any:
+        """The call, tried again while its slot moves. It goes on after its caller gave up
+        at ``deadline`` (``loop.time()``), which its script is told."""
+        loop = asyncio.get_running_loop()
         delay = RESHARD_DELAYS[0]
+        nodes = self._nodes
         while True:
             try:
-                return await self._evalsha(script, keys, args)
+                if deadline_arg is not None and nodes.clocks:
+                    clock = nodes.clock(node) or nodes.read_clock(
+                        node, await self._evalsha("clock", keys[:1], [])
+                    )
+                    args[deadline_arg] = clock.deadline(min(loop.time() + self._wait, deadline))
+                reply = await self._evalsha(script, keys, args)
             except Exception as error:
-                if not _slot_moving(error) or time.monotonic() + delay > deadline:
+                nodes.failed(node, error)
+                if not _slot_moving(error) or loop.time() + delay > deadline:
                     raise
+            else:
+                nodes.answered(node)
+                return reply
             await asyncio.sleep(delay)
             delay = min(delay * 2, RESHARD_DELAYS[1])
+            node = nodes.of(keys)
 
     async def _evalsha(self, script: str, keys: list[str], args: list[str | int]) -> Any:
         registered = self._scripts[script]

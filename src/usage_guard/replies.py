@@ -9,6 +9,7 @@ from typing import Any
 from .catalog import Catalog, Metric
 from .decision import Decision, Scope, ThresholdEvent
 from .errors import CorruptedCounter
+from .faults import LateReply
 from .periods import Period
 from .plans import Plans, admitted
 from .usage import MeterUsage, PersonalUsage, Usage
@@ -42,12 +43,14 @@ class Replies:
                 replayed=True,
             )
             return replayed, ()
+        if reply[0] == 3:  # it ran after its deadline: the caller gets the policy's answer
+            raise LateReply("Redis ran the call after its caller's deadline")
         if reply[6]:
             self._warn_plan(org, reply[6])
         decision = self._make_decision(
             reply[0] == 1, reply[1], reply[2], reply[3], reply[4], reply[5], period, reply[7]
         )
-        if len(reply) == 8:  # a denial: no other metrics, no events
+        if len(reply) == 8:  # a personal budget's denial: no other metrics, no events
             return decision, ()
         if reply[8]:
             others = reply[8]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from importlib import resources
 
-SCRIPTS = ("consume", "adjust", "read", "admin", "ratelimit")
+SCRIPTS = ("consume", "adjust", "read", "admin", "ratelimit", "clock")
 
 
 def _load_scripts() -> dict[str, str]:
@@ -21,8 +21,9 @@ def _load_scripts() -> dict[str, str]:
         body = _code((lua / f"{name}.lua").read_text())
         if name in ("consume", "adjust"):
             body = shared + body
-        # A rate limit neither counts nor reads meters: it leaves reservations alone.
-        sources[name] = body if name == "ratelimit" else sweep + body
+        # A rate limit or a clock reading neither counts nor reads meters: they leave
+        # reservations alone.
+        sources[name] = body if name in ("ratelimit", "clock") else sweep + body
     return sources
 
 

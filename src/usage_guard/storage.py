@@ -12,6 +12,7 @@ script again after NOSCRIPT.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any, Protocol, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -26,7 +27,8 @@ from redis.retry import Retry
 from .errors import InvalidUsage
 from .health import redacted
 from .multiplexed import MultiplexedScripts
-from .redispy import AsyncRedisScripts, RedisScripts
+from .redispy import AsyncCluster, AsyncRedisScripts, RedisScripts
+from .runtime import Breaker
 from .wire import Endpoint, SocketScripts
 
 
@@ -37,9 +39,16 @@ class ScriptRunner(Protocol):
     """
 
     def run(
-        self, script: str, keys: list[str], args: list[str | int], wait: float | None = None
+        self,
+        script: str,
+        keys: list[str],
+        args: list[str | int],
+        wait: float | None = None,
+        deadline_arg: int | None = None,
     ) -> Any:
-        """``wait``: the longest to wait for the reply, when shorter than the timeout."""
+        """``wait``: the longest to wait for the reply, when shorter than the timeout.
+        ``args[deadline_arg]`` (when given) is set to the moment, by the server's clock,
+        after which the caller has given up (see :mod:`usage_guard.servertime`)."""
 
     def command(self, *args: str | int) -> Any: ...
 
@@ -50,7 +59,12 @@ class AsyncScriptRunner(Protocol):
     """The asyncio form of :class:`ScriptRunner`."""
 
     async def run(
-        self, script: str, keys: list[str], args: list[str | int], wait: float | None = None
+        self,
+        script: str,
+        keys: list[str],
+        args: list[str | int],
+        wait: float | None = None,
+        deadline_arg: int | None = None,
     ) -> Any: ...
 
     async def command(self, *args: str | int) -> Any: ...
@@ -108,6 +122,21 @@ class Backend:
             self._server = _memory_server(parts.netloc + parts.path)
         self._sync: ScriptRunner | None = None
         self._async: AsyncScriptRunner | None = None
+        #: Reports each node's breaker (``Runtime.watch``); a Cluster's runners keep one
+        #: per node, made on first use.
+        self.watch: Callable[[Breaker], Breaker] = lambda breaker: breaker
+        self._breakers: dict[str, Breaker] = {}
+        self._breakers_lock = threading.Lock()
+
+    def breaker_of(self, node: str) -> Breaker:
+        """The breaker of one node of a Cluster."""
+        breaker = self._breakers.get(node)
+        if breaker is None:
+            with self._breakers_lock:
+                breaker = self._breakers.get(node)
+                if breaker is None:
+                    breaker = self._breakers[node] = self.watch(Breaker(self.timeout, node=node))
+        return breaker
 
     @property
     def kind(self) -> str:
@@ -126,7 +155,12 @@ class Backend:
             if self._endpoint is not None:
                 self._sync = SocketScripts(self._endpoint)
             else:
-                self._sync = RedisScripts(self._sync_client(), timeout=self.timeout)
+                self._sync = RedisScripts(
+                    self._sync_client(),
+                    timeout=self.timeout,
+                    deadlines=self._server is None,
+                    breaker_of=self.breaker_of,
+                )
         return self._sync
 
     def aio(self) -> AsyncScriptRunner:
@@ -135,7 +169,12 @@ class Backend:
                 self._async = MultiplexedScripts(self._endpoint)
             else:
                 self._async = AsyncRedisScripts(
-                    self._async_client(), max_in_flight=self.max_connections, wait=self.timeout
+                    self._async_client(),
+                    max_in_flight=self.max_connections,
+                    wait=self.timeout,
+                    # In-process fakeredis runs a call at once: none can outlive its caller.
+                    deadlines=self._server is None,
+                    breaker_of=self.breaker_of,
                 )
         return self._async
 
@@ -174,7 +213,7 @@ class Backend:
                 **self._redis_options(),
             )
         first, seeds = self._seeds
-        return redis.asyncio.cluster.RedisCluster.from_url(
+        return AsyncCluster.from_url(
             first,
             startup_nodes=[
                 redis.asyncio.cluster.ClusterNode(host, port) for host, port in seeds[1:]

@@ -33,6 +33,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .scripts import SHAS, SOURCES
+from .servertime import REFRESH, TIME, ServerClock
 
 #: Bytes read from a socket at a time; the hot path's replies are far smaller.
 READ_SIZE = 65536
@@ -145,6 +146,10 @@ class _Socket:
             self.close()
             raise
 
+    def read_clock(self) -> ServerClock:
+        reply = checked(self.call(TIME))
+        return ServerClock.reading(reply, time.monotonic())
+
     def call(self, command: bytes) -> Any:
         try:
             self.sock.sendall(command)
@@ -172,13 +177,20 @@ class SocketScripts:
         self.endpoint = endpoint
         self._idle: list[_Socket] = []
         self._pid = os.getpid()
+        #: The server's clock (see :mod:`usage_guard.servertime`), read before the first
+        #: consumption and again after any failure: the next socket may reach another
+        #: server (a restart, a failover behind the same address).
+        self._clock: ServerClock | None = None
 
     def run(
-        self, script: str, keys: list[str], args: list[str | int], wait: float | None = None
+        self,
+        script: str,
+        keys: list[str],
+        args: list[str | int],
+        wait: float | None = None,
+        deadline_arg: int | None = None,
     ) -> Any:
-        # hiredis' stub types the tuple as one element.
-        command = hiredis.pack_command(("EVALSHA", SHAS[script], len(keys), *keys, *args))  # type: ignore[arg-type]
-        return self._exchange(command, script, keys, args, wait)
+        return self._exchange(None, script, keys, args, wait, deadline_arg)
 
     def command(self, *args: str | int) -> Any:
         """Any other command, e.g. ``command("HGET", key, field)``."""
@@ -186,15 +198,18 @@ class SocketScripts:
 
     def _exchange(
         self,
-        command: bytes,
+        command: bytes | None,
         script: str | None = None,
         keys: list[str] | None = None,
         args: list[str | int] | None = None,
         wait: float | None = None,
+        deadline_arg: int | None = None,
     ) -> Any:
-        """Send ``command`` on an idle socket (a new one if none); a script the server
-        does not know yet (NOSCRIPT) is sent once more, whole. ``wait`` bounds this
-        exchange as a whole, connecting included, when shorter than the timeout."""
+        """Send ``command`` (else an EVALSHA of ``script``) on an idle socket (a new one
+        if none); a script the server does not know yet (NOSCRIPT) is sent once more,
+        whole. ``wait`` bounds this exchange as a whole, connecting included, when
+        shorter than the timeout; ``args[deadline_arg]`` gets the moment it gives up,
+        by the server's clock."""
         if self._pid != os.getpid():
             # A forked child must not talk on its parent's sockets.
             self._idle, self._pid = [], os.getpid()
@@ -203,6 +218,18 @@ class SocketScripts:
         try:
             if deadline is not None:
                 connection.sock.settimeout(max(0.001, deadline - time.monotonic()))
+            if command is None:
+                assert script is not None and keys is not None and args is not None
+                if deadline_arg is not None:
+                    # Each read waits the socket's timeout, counted from after this point.
+                    clock, now = self._clock, time.monotonic()
+                    if clock is None or now - clock.read_at > REFRESH:
+                        clock = self._clock = connection.read_clock()
+                        now = time.monotonic()
+                    gives_up = now + self.endpoint.timeout if deadline is None else deadline
+                    args[deadline_arg] = clock.deadline(gives_up)
+                # hiredis' stub types the tuple as one element.
+                command = hiredis.pack_command(("EVALSHA", SHAS[script], len(keys), *keys, *args))  # type: ignore[arg-type]
             reply = connection.call(command)
             if script is not None and isinstance(reply, NoScriptError):
                 if deadline is not None:
@@ -216,6 +243,7 @@ class SocketScripts:
             # dead, and a probe (one call per breaker interval) must not find them one
             # by one.
             self.close()
+            self._clock = None
             raise
         if len(self._idle) < IDLE_SOCKETS:
             self._idle.append(connection)

@@ -10,10 +10,14 @@ from usage_guard import (
     AsyncReservation,
     AsyncUsageGuard,
     Decision,
+    Observer,
+    OpenTelemetryObserver,
     Reservation,
+    Stats,
     UsageGuard,
     metered,
 )
+from usage_guard.decision import Scope
 
 guard = UsageGuard.from_url("memory://", timeout=0.5, reservation_ttl=60)
 
@@ -84,3 +88,30 @@ async def reserve_async(aguard: AsyncUsageGuard) -> None:
     assert_type(await reservation.settle(80), bool)
     assert_type(await aguard.consume("acme", {"emails": 1, "contacts": 1}), Decision)
     await aguard.check("acme", {"emails": 1}, 2)  # type: ignore[call-overload]
+
+
+# -- instrumentation: observers are typed, stats are a snapshot --------------------------
+
+
+class Denials(Observer):
+    def __init__(self) -> None:
+        self.denied = 0
+
+    def decision(self, metric: str, scope: Scope, allowed: bool) -> None:
+        self.denied += not allowed
+
+
+assert_type(guard.observe(Denials()), Denials)
+assert_type(guard.aio.observe(OpenTelemetryObserver()), OpenTelemetryObserver)
+guard.observe(lambda metric: None)  # type: ignore[type-var]
+
+
+class Misspelt(Observer):
+    def decision(self, metric: str, scope: Scope, allowed: str) -> None:  # type: ignore[override]
+        pass
+
+
+assert_type(guard.stats(), Stats)
+assert_type(guard.aio.stats(), Stats)  # the same snapshot, not a coroutine
+assert_type(guard.stats().backend_errors_by_class["TimeoutError"], int)
+guard.stats().backend_errors = 0  # type: ignore[misc]

@@ -10,7 +10,9 @@
 --   ARGV[3] the default plan ('' for none), ARGV[4] mode, ARGV[5] user id ('' for none),
 --   ARGV[6] now (ms, by the guard's clock), ARGV[7] the mode's own number ('reserve':
 --   the reservation's deadline, ms; 'settle' / 'cancel': the TTL of the keys of the
---   period the reservation was counted in; else 0), then four per metric: name,
+--   period the reservation was counted in; else 0), ARGV[8] the moment its caller gives
+--   up on a consumption (ms, by Redis's clock; 0: never), ARGV[9] what that caller was
+--   then told ('count': served, 'skip': refused; see consume.lua), then four per metric: name,
 --   amount, personal (1/0: counted for USER) and its spec,
 --   "<monthly 1/0>:<percent of the limit admitted>:<months of history kept>\n"
 --   followed by "<plan>=<limit>:<quota>:<80 % threshold>\n" for every configured plan
@@ -30,7 +32,7 @@ local DEFAULT_PLAN = ARGV[3]
 local MODE = ARGV[4]
 local USER = ARGV[5]
 local RESERVATIONS, HELD = KEYS[4], KEYS[5]
-local NMETRICS = (#ARGV - 7) / 4
+local NMETRICS = (#ARGV - 9) / 4
 local EXTRA_KEY = 6 + 2 * NMETRICS
 -- 'i': the extra key remembers an idempotent consumption; 'r': it is a reservation.
 local FLAGS = ''
@@ -71,12 +73,12 @@ end
 local function load_metrics()
   local fields = {'plan', DUE}
   for i = 1, NMETRICS do
-    fields[i + 2] = 'limit:' .. ARGV[4 + 4 * i]
+    fields[i + 2] = 'limit:' .. ARGV[6 + 4 * i]
   end
   local stored = redis.call('HMGET', KEYS[1], unpack(fields))
   local plan, unknown_plan = DEFAULT_PLAN, ''
   if stored[1] and stored[1] ~= DEFAULT_PLAN then
-    if plan_at(ARGV[11], stored[1]) then
+    if plan_at(ARGV[13], stored[1]) then
       plan = stored[1]
     else
       unknown_plan = stored[1]
@@ -84,7 +86,7 @@ local function load_metrics()
   end
   local metrics = {}
   for i = 1, NMETRICS do
-    local at = 4 + 4 * i
+    local at = 6 + 4 * i
     local spec = ARGV[at + 3]
     -- limit false: unlimited; quota: the most admitted; alert: the first threshold (80 %).
     local m = {

@@ -4,9 +4,10 @@
 -- (ARGV[7]); KEYS[EXTRA_KEY] records them until it is settled or cancelled.
 -- Reply: {admitted (1/0), metric, scope, used, limit (-1: none), quota (-1: none),
 --         assigned plan that is not configured ('' if none), the amount asked of that
---         metric, (admitted) {name, scope, used, limit, quota, amount of each other
---         metric}, then name, threshold, used, limit for each threshold reached}; an
---         idempotent replay is {2, stored}.
+--         metric, {name, scope, used, limit, quota, amount of each other metric
+--         (admitted only)}, then name, threshold, used, limit for each threshold reached};
+--         a denial by a personal budget ends after the amount; an idempotent replay
+--         is {2, stored}; a late call (see below) {3}.
 
 local function fits(used, amount, quota)
   return used <= quota and amount <= quota - used
@@ -48,6 +49,21 @@ local function hold(metrics, record)
     keep = math.max(keep, index_ttl, held_ttl)
     redis.call('EXPIRE', RESERVATIONS, keep)
     redis.call('EXPIRE', HELD, keep)
+  end
+end
+
+-- A consumption that runs after its caller gave up on it (ARGV[8], by Redis's clock:
+-- it waited in a hung server's queue, or behind a slow call) does what the caller was
+-- told instead: 'skip' (refused: nothing changes) or 'count' (served: counted, never
+-- denied, so billing stays true; the thresholds it crosses are reported by the next call
+-- that is admitted or denied by the org's limit).
+-- Reply: {3}, which a client still waiting reads as the outage policy's answer.
+local late = false
+if ARGV[8] ~= '0' then
+  local now = redis.call('TIME')
+  late = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) >= tonumber(ARGV[8])
+  if late and ARGV[9] ~= 'count' then
+    return {3}
   end
 end
 
@@ -143,7 +159,7 @@ for i, m in ipairs(metrics) do
     m.used, m.own = count + m.held, mine + m.held_own
     used, own = m.used, m.own
   end
-  if m.personal then
+  if m.personal and not late then
     m.budget = budgets[i] and tonumber(budgets[i])
     if m.budget and not fits(own, m.amount, m.budget) then
       local _, before = take_back(i)
@@ -151,10 +167,14 @@ for i, m in ipairs(metrics) do
     end
   end
   -- An unlimited meter admits everything, even past MAX (its quota stands at MAX).
-  if m.limit and not fits(used, m.amount, m.quota) then
+  if not late and m.limit and not fits(used, m.amount, m.quota) then
     local before = take_back(i)
-    return {0, m.name, 'organization', before, m.limit or -1, m.limit and m.quota or -1,
-            unknown_plan, m.amount}
+    -- A threshold that a late call crossed (it reports none) is reported here, by the
+    -- first call that finds the meter full.
+    local denial = {0, m.name, 'organization', before, m.limit or -1, m.limit and m.quota or -1,
+                    unknown_plan, m.amount, {}}
+    reach_thresholds(m, before, denial)
+    return denial
   end
 end
 
@@ -215,6 +235,9 @@ elseif FLAGS == 'r' then
   if failure then
     return failure
   end
+end
+if late then
+  return {3}
 end
 for _, m in ipairs(metrics) do
   if m.amount > 0 then

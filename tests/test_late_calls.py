@@ -1,0 +1,331 @@
+"""A consumption that runs after its caller gave up does what the caller was told.
+
+Each consumption carries the moment its client gives up on it, by Redis's clock
+(usage_guard.servertime); consume.lua compares it with TIME. Late under fail-closed:
+nothing changes (the caller was refused). Late under fail-open: counted, never denied
+(the caller was served). Measured end to end with a real server paused under load:
+no phantom charge, and every served call that reached Redis is counted once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+
+from conftest import RedisProcess, raw_client, wait_for
+from usage_guard import Decision, Plan, ThresholdEvent, UsageGuard, wire
+from usage_guard.calls import Call
+from usage_guard.keys import KeySpace
+from usage_guard.multiplexed import MultiplexedScripts
+from usage_guard.servertime import DRIFT, ServerClock
+from usage_guard.wire import Endpoint
+
+PLANS = {"free": Plan("free", {"emails": 10, "ai_tokens": 10})}
+MakeGuard = Callable[..., UsageGuard]
+
+
+def run_late(guard: UsageGuard, call: Call[Decision]) -> Decision:
+    """Run ``call`` as if its caller had given up long ago (deadline: 1 ms after the epoch)."""
+    assert call.deadline_arg is not None
+    call.args[call.deadline_arg] = 1
+    reply = guard.backend.sync().run(call.script, call.keys, call.args)
+    return guard.runtime.completed(call, reply, guard.failures.backend_errors)
+
+
+def keys_and_values(guard: UsageGuard) -> dict[str, Any]:
+    client = raw_client(guard)
+    prefix = guard.calls.prefix
+    found = sorted(client.scan_iter(match=f"{prefix}:*"))
+    return {key: client.dump(key) for key in found}
+
+
+def test_a_late_consumption_under_fail_closed_changes_nothing(make_guard: MakeGuard) -> None:
+    guard = make_guard(plans=PLANS, default_plan="free", on_backend_error="deny")
+    guard.consume("acme", "ai_tokens", 5, user="alice")
+    before = keys_and_values(guard)
+    decision = run_late(guard, guard.calls.consume("acme", "ai_tokens", 1, user="alice"))
+    assert (decision.allowed, decision.scope) == (False, "unavailable")
+    assert keys_and_values(guard) == before
+
+
+def test_a_late_consumption_under_fail_open_is_counted_past_the_cap(
+    make_guard: MakeGuard,
+) -> None:
+    guard = make_guard(plans=PLANS, default_plan="free")
+    guard.set_budget("acme", "alice", "ai_tokens", 3)
+    guard.consume("acme", "ai_tokens", 2, user="alice")
+    decision = run_late(guard, guard.calls.consume("acme", "ai_tokens", 9, user="alice"))
+    assert (decision.allowed, decision.scope) == (True, "unavailable")
+    usage = guard.usage("acme", user="alice")
+    assert usage.meters["ai_tokens"].used == 11  # over the hard cap: the caller was served
+    assert usage.personal["ai_tokens"].used == 11
+    # Counted once: a late call is never tried again.
+    assert guard.usage("acme").meters["ai_tokens"].used == 11
+
+
+def test_thresholds_a_late_call_crossed_are_reported_by_the_next_denial(
+    make_guard: MakeGuard,
+) -> None:
+    guard = make_guard(plans=PLANS, default_plan="free")
+    events: list[ThresholdEvent] = []
+    guard.on_threshold(events.append)
+    run_late(guard, guard.calls.consume("acme", "emails", 10, user=None))
+    guard.close()  # delivers the events
+    assert events == []
+    denied = guard.consume("acme", "emails")
+    assert not denied.allowed
+    guard.close()
+    assert sorted(e.threshold for e in events) == [80, 90, 100]
+    guard.consume("acme", "emails")
+    guard.close()
+    assert len(events) == 3  # each once
+
+
+def test_a_late_idempotent_consumption_is_remembered(make_guard: MakeGuard) -> None:
+    guard = make_guard(plans=PLANS, default_plan="free")
+    call = guard.calls.consume("acme", "emails", 4, user=None, idempotency_key="job-1")
+    assert run_late(guard, call).scope == "unavailable"
+    assert guard.consume("acme", "emails", 4, idempotency_key="job-1").replayed
+    assert guard.usage("acme").meters["emails"].used == 4
+
+
+@pytest.mark.parametrize("kind", ["check", "reserve"])
+def test_a_late_check_or_reservation_counts_nothing_even_under_fail_open(
+    make_guard: MakeGuard, kind: str
+) -> None:
+    guard = make_guard(plans=PLANS, default_plan="free")
+    guard.consume("acme", "emails", 1)
+    before = keys_and_values(guard)
+    if kind == "check":
+        call = guard.calls.consume("acme", "emails", 2, user=None, check=True)
+    else:
+        call = guard.calls.reserve("acme", "emails", 2, user=None)[0]
+    assert run_late(guard, call).scope == "unavailable"
+    assert keys_and_values(guard) == before
+
+
+def test_a_consumption_before_its_deadline_is_decided_as_usual(make_guard: MakeGuard) -> None:
+    guard = make_guard(plans=PLANS, default_plan="free", on_backend_error="deny")
+    call = guard.calls.consume("acme", "emails", 3, user=None)
+    assert call.deadline_arg is not None
+    call.args[call.deadline_arg] = int(time.time() * 1000) + 60_000
+    reply = guard.backend.sync().run(call.script, call.keys, call.args)
+    decision = guard.runtime.completed(call, reply, 0)
+    assert (decision.allowed, decision.scope, decision.used) == (True, "organization", 3)
+
+
+# -- the client's side of the invariant ---------------------------------------------------
+
+
+def test_a_deadline_never_falls_after_the_moment_the_client_gives_up() -> None:
+    # Redis read 1000.000 s; the reply came back at monotonic 10.0 (Redis's reading was
+    # taken at some moment up to then): the true offset is at least 990.0.
+    clock = ServerClock.reading(("1000", "0"), 10.0)
+    assert clock.deadline(10.5) == 1_000_500 - 1  # 0.5 s later, less the drift, rounded down
+    # An hour after the reading the drift allowance has grown to DRIFT * 3600 s.
+    later = clock.deadline(10.0 + 3600)
+    assert later <= (1000 + 3600 - DRIFT * 3600) * 1000
+    assert clock.stale(10.0 + 61) and not clock.stale(10.0 + 59)
+
+
+def test_a_multiplexed_call_is_given_up_on_with_the_oldest_call_on_its_connection(
+    redis_process: RedisProcess,
+) -> None:
+    """The connection fails every waiting call once its oldest is late: a call sent behind
+    a slow one carries the older call's moment, not its own full timeout."""
+    timeout = 0.4
+    runner = MultiplexedScripts(
+        Endpoint.from_url(f"redis://127.0.0.1:{redis_process.port}", timeout)
+    )
+    guard = UsageGuard.from_url(f"redis://127.0.0.1:{redis_process.port}", timeout=timeout)
+
+    async def scenario() -> tuple[int, int, float]:
+        await runner.command("PING")
+        first = guard.calls.consume("acme", "emails", 1, user=None)
+        second = guard.calls.consume("acme", "emails", 1, user=None)
+        assert first.deadline_arg is not None and second.deadline_arg is not None
+        first_call = asyncio.ensure_future(
+            runner.run(first.script, first.keys, first.args, None, first.deadline_arg)
+        )
+        await asyncio.sleep(0)  # the first call is sent (its reply is awaited)
+        os.kill(redis_process.process.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(timeout / 2)
+            sent_at = time.time()
+            second_call = asyncio.ensure_future(
+                runner.run(second.script, second.keys, second.args, None, second.deadline_arg)
+            )
+            await asyncio.gather(first_call, second_call, return_exceptions=True)
+        finally:
+            os.kill(redis_process.process.pid, signal.SIGCONT)
+            await runner.close()
+        return int(first.args[first.deadline_arg]), int(second.args[second.deadline_arg]), sent_at
+
+    first_deadline, second_deadline, sent_at = asyncio.run(scenario())
+    guard.close()
+    assert second_deadline <= first_deadline
+    # Its own timeout would have put it about timeout / 2 later.
+    assert second_deadline < (sent_at + timeout * 0.75) * 1000
+
+
+# -- end to end: a server paused under load ---------------------------------------------
+
+TIMEOUT = 0.3
+ORGS = 600
+
+
+def under_load(
+    guard: UsageGuard, flavour: str, stop: Callable[[bool], None]
+) -> dict[str, Decision]:
+    """One consumption per org, at about 200 a second, started on a schedule whatever
+    the earlier ones do (so a hung server gathers calls in flight); the server is paused
+    for the middle second and a half. Returns each org's decision."""
+    decisions: dict[str, Decision] = {}
+    orgs = [f"org{n}" for n in range(ORGS)]
+    interval = 1 / 200
+    pause_at, resume_at = ORGS * interval * 0.25, ORGS * interval * 0.25 + 1.5
+
+    def controller(started: float) -> None:
+        time.sleep(max(0.0, started + pause_at - time.monotonic()))
+        stop(True)
+        time.sleep(max(0.0, started + resume_at - time.monotonic()))
+        stop(False)
+
+    if flavour == "sync":
+        workers: list[threading.Thread] = []
+
+        def one(org: str) -> None:
+            decisions[org] = guard.consume(org, "emails")
+
+        started = time.monotonic()
+        control = threading.Thread(target=controller, args=(started,))
+        control.start()
+        for n, org in enumerate(orgs):
+            time.sleep(max(0.0, started + n * interval - time.monotonic()))
+            worker = threading.Thread(target=one, args=(org,))
+            worker.start()
+            workers.append(worker)
+        for worker in workers:
+            worker.join()
+        control.join()
+    else:
+
+        async def scenario() -> None:
+            aguard = guard.aio
+
+            async def one(org: str) -> None:
+                decisions[org] = await aguard.consume(org, "emails")
+
+            started = time.monotonic()
+            control = asyncio.get_running_loop().run_in_executor(None, controller, started)
+            tasks = []
+            for n, org in enumerate(orgs):
+                await asyncio.sleep(max(0.0, started + n * interval - time.monotonic()))
+                tasks.append(asyncio.ensure_future(one(org)))
+            await asyncio.gather(*tasks)
+            await control
+            await aguard.aclose()
+
+        asyncio.run(scenario())
+    return decisions
+
+
+def charged(guard: UsageGuard, orgs: list[str]) -> dict[str, int]:
+    """Each org's emails counter, read with a plain client once Redis has run every call."""
+    client = raw_client(guard)
+    period = guard.calls.time.now()[0]
+    counters = {
+        org: KeySpace.of(guard.calls.prefix, org).counter("emails", period.key) for org in orgs
+    }
+
+    def settled() -> bool:  # what the paused server had queued has run
+        before = [client.get(key) for key in counters.values()]
+        time.sleep(0.3)
+        return [client.get(key) for key in counters.values()] == before
+
+    wait_for(settled, what="Redis ran what it had queued")
+    return {org: int(client.get(key) or 0) for org, key in counters.items()}
+
+
+class Sent:
+    """Counts the EVALSHAs the lean clients write, and those Redis ran (INFO commandstats)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, port: int) -> None:
+        self.written = 0
+        self.admin = redis.Redis(port=port, decode_responses=True)
+        call, pack_evalsha = wire._Socket.call, wire.evalsha
+
+        def counting_call(socket: Any, command: bytes) -> Any:
+            self.written += b"EVALSHA" in command[:24]
+            return call(socket, command)
+
+        def counting_evalsha(*args: Any) -> bytes:
+            self.written += 1
+            return pack_evalsha(*args)
+
+        monkeypatch.setattr(wire._Socket, "call", counting_call)
+        monkeypatch.setattr("usage_guard.multiplexed.evalsha", counting_evalsha)
+
+    def ran(self) -> int:
+        stats = self.admin.info("commandstats").get("cmdstat_evalsha", {"calls": 0})
+        return int(stats["calls"])
+
+
+@pytest.mark.real_redis
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@pytest.mark.parametrize("policy", ["deny", "allow"])
+def test_a_paused_server_charges_no_refused_call_and_every_served_call_it_ran(
+    redis_process: RedisProcess,
+    paused: Callable[[bool], None],
+    monkeypatch: pytest.MonkeyPatch,
+    flavour: str,
+    policy: str,
+) -> None:
+    guard = UsageGuard.from_url(
+        f"redis://127.0.0.1:{redis_process.port}/0",
+        # Many plans make long commands: those in flight fill more than one of Redis's
+        # 16 KB reads, as a busy app's do.
+        plans={name: Plan(name, {"emails": 1}) for name in ["free", *(f"p{n}" for n in range(40))]},
+        default_plan="free",
+        timeout=TIMEOUT,
+        on_backend_error=policy,  # type: ignore[arg-type]
+    )
+    # Fail-open: every org's cap is reached first, so a late call that was checked
+    # again would be denied, although its caller was served.
+    full = policy == "allow"
+    guard.consume("warm-up", "emails")  # the script is loaded
+    if full:
+        for n in range(ORGS):
+            assert guard.consume(f"org{n}", "emails").allowed
+    sent = Sent(monkeypatch, redis_process.port)
+    ran_before = sent.ran()
+    decisions = under_load(guard, flavour, paused)
+    guard.close()
+    counts = charged(guard, list(decisions))
+    by_redis = {org for org, d in decisions.items() if d.scope != "unavailable"}
+    by_policy = set(decisions) - by_redis
+    assert len(by_policy) > 20, "the pause must leave calls unanswered"
+    assert all(counts[org] == 1 for org in by_redis)  # admitted once, or full and denied
+    assert all(decisions[org].allowed is not full for org in by_redis)
+    counted_late = {org for org in by_policy if counts[org] == 1 + full}
+    assert all(counts[org] in (full, 1 + full) for org in by_policy)  # never twice
+    # Every consumption written to the socket ran, those answered by the policy too:
+    # a connection given up on is read until its late replies are in.
+    ran_late = sent.ran() - ran_before - len(by_redis)
+    assert sent.ran() - ran_before == sent.written
+    assert ran_late > 0
+    if policy == "deny":
+        assert counted_late == set()  # no phantom charge
+    else:
+        # The calls in flight when their clients gave up ran when Redis resumed, and
+        # were counted past the cap; the others were never sent (the breaker refused them).
+        assert len(counted_late) == ran_late
+    sent.admin.close()
