@@ -14,9 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from fastapi import Depends, FastAPI
 from flask import Flask
 from redis.crc import key_slot
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    TryAgainError,
+)
 from starlette.testclient import TestClient
 
 from cluster import Cluster
@@ -26,6 +34,7 @@ from usage_guard.asgi import from_headers
 from usage_guard.context import Budget, bind, unbind
 from usage_guard.fastapi import install
 from usage_guard.flask import UsageGuardFlask
+from usage_guard.redispy import _Nodes
 from usage_guard.runtime import PROBE_INTERVAL, Breaker
 
 TIMEOUT = 1.0
@@ -131,6 +140,55 @@ def test_a_flask_request_waits_at_most_the_timeout_in_all(
     assert response.status_code == 200
     assert elapsed < TIMEOUT + 0.5, elapsed
     guard.close(timeout=0)
+
+
+def late_call_app(guard: UsageGuard, hang: Callable[[], None]) -> Flask:
+    """A view that uses most of its request's time, then meets a hung server."""
+    app = Flask(__name__)
+    UsageGuardFlask(app, guard=guard, identify=from_headers())
+
+    @guard.metered("emails")
+    def send() -> str:
+        return "sent"
+
+    @app.post("/send")
+    def endpoint() -> str:
+        time.sleep(0.6 * TIMEOUT)
+        hang()
+        return send()
+
+    return app
+
+
+def late_call_waits(url: str, owner: RedisProcess) -> None:
+    """redis-py's sync clients fix their socket timeout per connection: the request's
+    later call must still give up when the request's time is spent."""
+    guard = UsageGuard.from_url(url, plans=PLANS, default_plan="free", timeout=TIMEOUT)
+    client = late_call_app(guard, lambda: os.kill(owner.process.pid, signal.SIGSTOP))
+    try:
+        elapsed, response = timed(lambda: client.test_client().post("/send", headers=ACME))
+    finally:
+        os.kill(owner.process.pid, signal.SIGCONT)
+    assert response.status_code == 200  # fail-open: served, unmetered
+    assert elapsed < TIMEOUT + 0.3, elapsed  # not 0.6 s and a whole timeout more
+    guard.close(timeout=0)
+
+
+def test_redis_pys_sync_client_waits_no_longer_than_the_request_has_left(
+    redis_process: RedisProcess,
+) -> None:
+    late_call_waits(redis_process.url + "?client=redis-py", redis_process)
+
+
+@pytest.mark.cluster
+def test_a_sync_cluster_client_waits_no_longer_than_the_request_has_left(
+    tmp_path: Path,
+) -> None:
+    cluster = Cluster(tmp_path, node_timeout_ms=15_000)
+    try:
+        late_call_waits(cluster.url(), cluster.master_of(key_slot(b"acme")))
+    finally:
+        cluster.stop()
 
 
 @pytest.mark.cluster
@@ -321,3 +379,23 @@ def test_closing_a_cluster_guard_right_after_a_failure_closes_its_connections(
     asyncio.run(scenario())
     guard.close()
     gc.collect()  # an unclosed connection warns here, and the warning fails the test
+
+
+def test_a_cluster_nodes_breaker_opens_on_silence_not_on_error_replies() -> None:
+    """CLUSTERDOWN during a failover is the whole cluster's for a moment, and an error
+    reply costs no wait: neither may refuse a node's orgs until a probe."""
+    breakers: dict[str, Breaker] = {}
+    nodes = _Nodes(None, clocks=False, breaker_of=None)
+    nodes._breaker_of = lambda name: breakers.setdefault(name, Breaker(0.5, node=name))
+    replies = [
+        ClusterDownError("The cluster is down"),
+        TryAgainError("Multiple keys request during rehashing of slot"),
+        ReadOnlyError("You can't write against a read only replica."),
+        BusyLoadingError("Redis is loading the dataset in memory"),
+        OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
+    ]
+    for n, reply in enumerate(replies):
+        nodes.failed(f"replied{n}", reply)
+    nodes.failed("silent", redis.TimeoutError("Timeout reading from socket"))
+    nodes.failed("gone", redis.ConnectionError("Connection refused"))
+    assert {name for name, breaker in breakers.items() if breaker.open} == {"silent", "gone"}

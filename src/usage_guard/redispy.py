@@ -9,26 +9,57 @@ routed to a node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from contextvars import ContextVar
+from typing import Any, cast
 
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
-from redis.exceptions import AskError, ClusterError, NoScriptError, TryAgainError
+import redis.connection
+from redis.exceptions import (
+    AskError,
+    BusyLoadingError,
+    ClusterError,
+    NoScriptError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.utils import SENTINEL
 
 from .faults import CircuitOpen, Fault, classify
+from .runtime import PROBE_INTERVAL, Breaker
 from .scripts import SOURCES
 from .servertime import ServerClock
-
-if TYPE_CHECKING:
-    from .runtime import Breaker
 
 #: Seconds before trying again a script whose slot is being migrated: the first wait,
 #: doubled each time up to the second.
 RESHARD_DELAYS = (0.01, 0.05)
+#: When (``time.monotonic()``) the current sync call is given up on, while it has less
+#: than the timeout left: see :func:`budgeted`.
+_gives_up: ContextVar[float | None] = ContextVar("usage_guard_gives_up", default=None)
+
+
+class _Budgeted(redis.connection.AbstractConnection):
+    """Reads that end when the current call is given up on (see :func:`budgeted`)."""
+
+    def read_response(  # type: ignore[no-untyped-def]
+        self, disable_decoding=False, *, timeout=SENTINEL, **options
+    ):
+        gives_up = _gives_up.get()
+        if gives_up is not None and timeout is SENTINEL:
+            timeout = max(0.001, gives_up - time.monotonic())
+        return super().read_response(disable_decoding, timeout=timeout, **options)
+
+
+def budgeted(connection_class: type[Any]) -> type[Any]:
+    """``connection_class`` whose replies are awaited no longer than the current call may
+    wait: redis-py's sync clients otherwise fix their socket timeout per connection, and
+    a request's later call could wait a whole ``timeout`` more."""
+    return type(f"Budgeted{connection_class.__name__}", (_Budgeted, connection_class), {})
 
 
 def _slot_moving(error: Exception) -> bool:
@@ -40,6 +71,11 @@ def _slot_moving(error: Exception) -> bool:
     may have run, and running it again would count twice.
     """
     return isinstance(error, (TryAgainError, AskError)) or type(error) is ClusterError
+
+
+#: What redis-py raises for a node's error replies (LOADING among them), and for
+#: redirects that did not settle.
+_ANSWERS = (ResponseError, ClusterError, BusyLoadingError)
 
 
 def _routed(client: Any, args: tuple[str | int, ...]) -> dict[str, Any]:
@@ -72,6 +108,7 @@ class _Nodes:
         self.clocks = clocks
         self._clocks: dict[str, ServerClock] = {}
         self._breaker_of = breaker_of if self.cluster else None
+        self._next_rediscovery = 0.0
 
     def of(self, keys: list[str]) -> str:
         """The name of the node a call on ``keys`` goes to."""
@@ -82,7 +119,24 @@ class _Nodes:
         if self._breaker_of is not None:
             breaker = self._breaker_of(node)
             if breaker.open and not breaker.admits():
+                self._rediscover(node)
                 raise CircuitOpen(f"{node} failed and is not asked again until a probe answers")
+
+    def _rediscover(self, failed: str) -> None:
+        """Learn the slots again, the other nodes asked first, at most once a probe
+        interval: calls refused by a breaker reach no node, so nothing else would tell
+        the client that a replica took the failed master's slots over."""
+        now = time.monotonic()
+        if now < self._next_rediscovery:
+            return
+        self._next_rediscovery = now + PROBE_INTERVAL
+        if isinstance(self.client, AsyncCluster):
+            self.client.rediscover(failed)
+            return
+        # The sync client's own way after a failure: a few ms, from a healthy node; when
+        # it fails, the next refusal tries again.
+        with contextlib.suppress(Exception):
+            self.client.nodes_manager.initialize(last_failed_node_name=failed)
 
     def clock(self, node: str) -> ServerClock | None:
         """The node's clock, None when it must be read first."""
@@ -102,12 +156,14 @@ class _Nodes:
         self._clocks.pop(node, None)
         if self._breaker_of is not None:
             breaker = self._breaker_of(node)
-            if classify(error) is Fault.OUTAGE and not _slot_moving(error):
+            # Only silence opens a node's breaker: an error reply costs no wait, and one
+            # such as CLUSTERDOWN, a whole cluster's for a moment, says nothing of the node.
+            if classify(error) is Fault.OUTAGE and not isinstance(error, _ANSWERS):
                 breaker.failed()
                 if isinstance(self.client, AsyncCluster):
                     self.client.failed_node = node
             else:
-                breaker.answered()  # the node answered (an error reply, a redirect)
+                breaker.answered()
 
 
 class AsyncCluster(redis.asyncio.cluster.RedisCluster):
@@ -137,10 +193,13 @@ class AsyncCluster(redis.asyncio.cluster.RedisCluster):
             self._discovered = True
             return self
         self._initialize = False
-        if self._rediscovery is None or self._rediscovery.done():
-            failed = last_failed_node_name or self.failed_node
-            self._rediscovery = asyncio.ensure_future(self._rediscover(failed))
+        self.rediscover(last_failed_node_name or self.failed_node)
         return self
+
+    def rediscover(self, failed: str | None) -> None:
+        """Start a rediscovery that asks ``failed`` last, unless one is under way."""
+        if self._rediscovery is None or self._rediscovery.done():
+            self._rediscovery = asyncio.ensure_future(self._rediscover(failed))
 
     async def _rediscover(self, failed: str | None) -> None:
         try:
@@ -190,11 +249,24 @@ class RedisScripts:
         wait: float | None = None,
         deadline_arg: int | None = None,
     ) -> Any:
-        # ``wait`` bounds the tries during a slot migration; each reply is bounded by the
-        # client's socket timeout, which redis-py's sync clients fix per connection: a
-        # call that runs after ``wait`` is late for its script, whether or not the client
-        # still reads its reply.
+        # ``wait`` bounds the call as a whole: the tries during a slot migration, and each
+        # reply when the client's connections are budgeted (see budgeted()).
         deadline = time.monotonic() + (self._timeout if wait is None else wait)
+        token = None if wait is None else _gives_up.set(deadline)
+        try:
+            return self._tries(script, keys, args, deadline, deadline_arg)
+        finally:
+            if token is not None:
+                _gives_up.reset(token)
+
+    def _tries(
+        self,
+        script: str,
+        keys: list[str],
+        args: list[str | int],
+        deadline: float,
+        deadline_arg: int | None,
+    ) -> Any:
         delay = RESHARD_DELAYS[0]
         nodes = self._nodes
         while True:

@@ -18,8 +18,8 @@ It holds because:
   taken by Redis at or before ``received``, so ``TIME - received`` is at most the true
   offset between the two clocks;
 * clocks drift apart by at most :data:`DRIFT` of the time since the reading, which
-  is taken again after :data:`REFRESH` seconds, and on every new connection (after a
-  reconnect or failover, per node);
+  is taken again after :data:`REFRESH` seconds and after any failure (a reconnect, a
+  failover), per server (a Cluster node, a multiplexed connection);
 * ``gives_up`` is never later than the moment the client actually gives up: callers
   pass when their timer is due, computed before the command is sent, in
   ``time.monotonic()`` or an event loop's ``loop.time()`` (asyncio's is
@@ -30,7 +30,6 @@ It holds because:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,8 +61,8 @@ class ServerClock:
     def deadline(self, gives_up: float) -> int:
         """``gives_up`` (``time.monotonic()``) in ms by the server's clock, rounded down and
         moved earlier by the drift that can have built up since the reading."""
-        drift = max(0.0, gives_up - self.read_at) * DRIFT
-        return math.floor((gives_up + self.offset - drift) * 1000)
+        # Drift counts both ways from the reading; the moment is positive: int() rounds down.
+        return int((gives_up + self.offset - abs(gives_up - self.read_at) * DRIFT) * 1000)
 
     def stale(self, now: float) -> bool:
         return now - self.read_at > REFRESH

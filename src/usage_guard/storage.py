@@ -22,12 +22,13 @@ import redis.asyncio.cluster
 import redis.cluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
+from redis.connection import Connection, SSLConnection, UnixDomainSocketConnection
 from redis.retry import Retry
 
 from .errors import InvalidUsage
 from .health import redacted
 from .multiplexed import MultiplexedScripts
-from .redispy import AsyncCluster, AsyncRedisScripts, RedisScripts
+from .redispy import AsyncCluster, AsyncRedisScripts, RedisScripts, budgeted
 from .runtime import Breaker
 from .wire import Endpoint, SocketScripts
 
@@ -71,6 +72,12 @@ class AsyncScriptRunner(Protocol):
 
     async def close(self) -> None: ...
 
+
+#: redis-py's connection class for a URL scheme (redis:// takes the default).
+_CONNECTION_CLASSES: dict[str, type[Connection | UnixDomainSocketConnection]] = {
+    "rediss": SSLConnection,
+    "unix": UnixDomainSocketConnection,
+}
 
 _named_servers: dict[str, Any] = {}
 _named_lock = threading.Lock()
@@ -185,13 +192,19 @@ class Backend:
             return fakeredis.FakeRedis(server=self._server, decode_responses=True)
         if self._seeds is None:
             return redis.Redis.from_url(
-                self.client_url, retry=Retry(NoBackoff(), 0), **self._redis_options()
+                self.client_url,
+                retry=Retry(NoBackoff(), 0),
+                connection_class=budgeted(_CONNECTION_CLASSES.get(self.kind, Connection)),
+                **self._redis_options(),
             )
         first, seeds = self._seeds
         return redis.cluster.RedisCluster.from_url(
             first,
             startup_nodes=[cast(Any, redis.cluster).ClusterNode(h, p) for h, p in seeds[1:]],
             retry=Retry(NoBackoff(), 0),
+            # redis-py puts its own TLS class in place of this one: with TLS, each reply of
+            # a request's later call may still wait a whole timeout.
+            connection_class=budgeted(Connection),
             # A MOVED names the slot's new owner: by default every 5th one also rediscovers
             # the whole cluster and reconnects to every node, for nothing.
             reinitialize_steps=0,
