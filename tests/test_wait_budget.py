@@ -28,7 +28,7 @@ from redis.exceptions import (
 from starlette.testclient import TestClient
 
 from cluster import Cluster
-from conftest import RedisProcess
+from conftest import RedisProcess, self_signed, wait_for
 from usage_guard import Decision, Plan, Subject, UsageGuard
 from usage_guard.asgi import from_headers
 from usage_guard.context import Budget, bind, unbind
@@ -189,6 +189,30 @@ def test_a_sync_cluster_client_waits_no_longer_than_the_request_has_left(
         late_call_waits(cluster.url(), cluster.master_of(key_slot(b"acme")))
     finally:
         cluster.stop()
+
+
+@pytest.mark.real_redis
+def test_a_sync_tls_cluster_client_waits_no_longer_than_the_request_has_left(
+    tmp_path: Path,
+) -> None:
+    """A one-node Cluster speaking TLS only: redis-py's own TLS class must not replace the
+    budgeted one."""
+    cert, key = self_signed(tmp_path)
+    node = RedisProcess(
+        tmp_path / "node",
+        *("--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf")),
+        *("--tls-cert-file", str(cert), "--tls-key-file", str(key)),
+        *("--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no", "--tls-cluster", "yes"),
+        tls=True,
+    )
+    try:
+        admin = redis.Redis(port=node.port, ssl=True, ssl_cert_reqs="none")
+        admin.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)  # type: ignore[no-untyped-call]
+        wait_for(lambda: admin.cluster("info")["cluster_state"] == "ok", what="the cluster")
+        admin.close()
+        late_call_waits(f"rediss+cluster://127.0.0.1:{node.port}?ssl_cert_reqs=none", node)
+    finally:
+        node.stop()
 
 
 @pytest.mark.cluster

@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import shutil
 import socket
-import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 
-from conftest import RedisProcess
+from conftest import RedisProcess, self_signed
 from scripted import ScriptedServer
 from usage_guard import BackendMisconfigured, BackendUnavailable, InvalidUsage, Plan, UsageGuard
 from usage_guard.multiplexed import MultiplexedScripts
@@ -272,18 +270,7 @@ def test_password_and_database_come_from_the_url(tmp_path: Path) -> None:
 
 @pytest.mark.real_redis
 def test_rediss_verifies_certificates_both_ways(tmp_path: Path) -> None:
-    if shutil.which("openssl") is None:
-        pytest.fail("openssl is needed to make a test certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
-            *("-keyout", str(key), "-out", str(cert)),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed(tmp_path)
     server = RedisProcess(
         tmp_path / "redis",
         "--tls-cert-file",

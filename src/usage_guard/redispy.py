@@ -44,7 +44,23 @@ _gives_up: ContextVar[float | None] = ContextVar("usage_guard_gives_up", default
 
 
 class _Budgeted(redis.connection.AbstractConnection):
-    """Reads that end when the current call is given up on (see :func:`budgeted`)."""
+    """Connecting (a TLS handshake included) and reading that end when the current call
+    is given up on (see :func:`budgeted`)."""
+
+    def _connect(self):  # type: ignore[no-untyped-def]
+        gives_up = _gives_up.get()
+        if gives_up is None:
+            return super()._connect()  # type: ignore[safe-super,no-untyped-call]
+        left = max(0.001, gives_up - time.monotonic())
+        saved = self.socket_connect_timeout, self.socket_timeout
+        self.socket_connect_timeout = min(saved[0] or left, left)
+        self.socket_timeout = min(saved[1] or left, left)
+        try:
+            sock = super()._connect()  # type: ignore[safe-super,no-untyped-call]
+        finally:
+            self.socket_connect_timeout, self.socket_timeout = saved
+        sock.settimeout(self.socket_timeout)
+        return sock
 
     def read_response(  # type: ignore[no-untyped-def]
         self, disable_decoding=False, *, timeout=SENTINEL, **options

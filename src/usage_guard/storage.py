@@ -198,13 +198,14 @@ class Backend:
                 **self._redis_options(),
             )
         first, seeds = self._seeds
+        # A rediss:// URL would make redis-py put its own TLS class in place of this one;
+        # as redis:// (its TLS options kept), the nodes' pools take the budgeted TLS class.
+        tls = first.startswith("rediss://")
         return redis.cluster.RedisCluster.from_url(
-            first,
+            "redis://" + first.removeprefix("rediss://") if tls else first,
             startup_nodes=[cast(Any, redis.cluster).ClusterNode(h, p) for h, p in seeds[1:]],
             retry=Retry(NoBackoff(), 0),
-            # redis-py puts its own TLS class in place of this one: with TLS, each reply of
-            # a request's later call may still wait a whole timeout.
-            connection_class=budgeted(Connection),
+            connection_class=budgeted(SSLConnection if tls else Connection),
             # A MOVED names the slot's new owner: by default every 5th one also rediscovers
             # the whole cluster and reconnects to every node, for nothing.
             reinitialize_steps=0,
