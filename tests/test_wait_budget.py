@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -419,7 +420,53 @@ def test_a_cluster_nodes_breaker_opens_on_silence_not_on_error_replies() -> None
         OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
     ]
     for n, reply in enumerate(replies):
-        nodes.failed(f"replied{n}", reply)
-    nodes.failed("silent", redis.TimeoutError("Timeout reading from socket"))
-    nodes.failed("gone", redis.ConnectionError("Connection refused"))
+        nodes.failed(f"replied{n}", reply, 1.0)
+    nodes.failed("silent", redis.TimeoutError("Timeout reading from socket"), 0.5)
+    nodes.failed("gone", redis.ConnectionError("Connection refused"), 0.0)
+    # A timeout after a sliver of wait: the call's own time ran out, not the node's.
+    nodes.failed("cut short", redis.TimeoutError("Timeout reading from socket"), 0.01)
     assert {name for name, breaker in breakers.items() if breaker.open} == {"silent", "gone"}
+
+
+def test_a_failure_after_a_redirect_is_the_node_that_was_reached() -> None:
+    """redis-py follows a MOVED by itself: the timeout belongs to the node it names on the
+    error, not to the one the call was sent to."""
+    breakers: dict[str, Breaker] = {}
+    nodes = _Nodes(None, clocks=False, breaker_of=None)
+    nodes._breaker_of = lambda name: breakers.setdefault(name, Breaker(0.5, node=name))
+    timeout = redis.TimeoutError("Timeout reading from socket")
+    timeout.connection = redis.cluster.ClusterNode("127.0.0.1", 7001)  # type: ignore[attr-defined,no-untyped-call]
+    nodes.failed("127.0.0.1:7000", timeout, 0.5)
+    lost = redis.ConnectionError("Connection reset")
+    lost.connection = redis.connection.Connection(host="127.0.0.1", port=7002)  # type: ignore[attr-defined,no-untyped-call]
+    nodes.failed("127.0.0.1:7000", lost, 0.0)
+    assert {name for name, breaker in breakers.items() if breaker.open} == {
+        "127.0.0.1:7001",
+        "127.0.0.1:7002",
+    }
+
+
+@pytest.mark.cluster
+def test_a_sync_call_on_a_cluster_whose_masters_all_hang_waits_one_timeout_at_most(
+    tmp_path: Path,
+) -> None:
+    """redis-py rediscovers inside a failing call, a timeout per node; a refused call's
+    rediscovery runs off the request's thread."""
+    cluster = Cluster(tmp_path, node_timeout_ms=15_000)
+    masters = cluster.masters()
+    try:
+        guard = UsageGuard.from_url(cluster.url(), plans=PLANS, default_plan="free", timeout=0.3)
+        orgs = [f"org{n}" for n in range(6)]
+        for org in orgs:
+            assert guard.consume(org, "emails").allowed
+        for master in masters:
+            os.kill(master.process.pid, signal.SIGSTOP)
+        try:
+            waits = [timed(partial(guard.consume, org, "emails"))[0] for org in orgs * 2]
+        finally:
+            for master in masters:
+                os.kill(master.process.pid, signal.SIGCONT)
+        assert max(waits) < 0.3 + 0.15, waits
+        guard.close(timeout=0)
+    finally:
+        cluster.stop()

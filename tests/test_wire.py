@@ -8,6 +8,7 @@ import gc
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -367,3 +368,43 @@ def test_a_unix_socket_goes_through_redis_py(tmp_path: Path) -> None:
             assert len(plain.keys("ug:{acme}:*")) == 1
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("port", ["99999", "abc"])
+@pytest.mark.parametrize("client", ["", "?client=redis-py"])
+def test_a_url_with_a_bad_port_is_refused_by_name(port: str, client: str) -> None:
+    with pytest.raises(InvalidUsage, match="cannot use the storage URL"):
+        UsageGuard.from_url(f"redis://localhost:{port}/0{client}")
+
+
+def test_closing_the_async_client_closes_a_connection_still_reading_late_replies(
+    scripted: Callable[..., ScriptedServer],
+) -> None:
+    server = scripted(counting, late_first_reply)
+    runner = MultiplexedScripts(endpoint(server.port))
+
+    async def scenario() -> bool:
+        with pytest.raises(redis.TimeoutError):
+            await runner.command("PING")
+        given_up = runner._connection
+        assert given_up is not None and given_up.draining  # reads the late reply still
+        assert await runner.command("PING") == 2001  # on a new connection
+        await runner.close()
+        return given_up.draining
+
+    assert asyncio.run(scenario()) is False
+
+
+def test_a_sync_call_reading_the_clock_first_still_ends_when_its_budget_does(
+    scripted: Callable[..., ScriptedServer],
+) -> None:
+    """Each reply takes 0.4 s; the call has 0.5 s: reading TIME must not restart its wait."""
+    time_reply = b"*2\r\n$10\r\n1700000000\r\n$1\r\n0\r\n"
+    server = scripted(lambda c, n: time_reply if n == 1 else b":1\r\n", lambda c, n: 0.4)
+    runner = SocketScripts(Endpoint.from_url(f"redis://127.0.0.1:{server.port}/0", 1.0))
+    args: list[str | int] = ["x", 0]
+    started = time.monotonic()
+    with pytest.raises(redis.TimeoutError):
+        runner.run("consume", ["k"], args, wait=0.5, deadline_arg=1)
+    assert time.monotonic() - started < 0.7
+    runner.close()

@@ -18,7 +18,7 @@ import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .servertime import TIME, ServerClock
+from .servertime import LATE_REPLY, TIME, ServerClock
 from .wire import Endpoint, checked, eval_source, evalsha, is_noscript, new_reader, pack
 
 #: Seconds a connection given up on (a reply came too late) keeps reading the replies
@@ -162,6 +162,11 @@ class _Multiplexed(asyncio.Protocol):
         else:
             self._watchdog = self.loop.call_at(due, self._watch)
 
+    @property
+    def draining(self) -> bool:
+        """Given up on, but still reading the replies owed to it."""
+        return self.closed and self.transport is not None and not self.transport.is_closing()
+
     def give_up(self, error: Exception) -> None:
         """Fail every waiting call and take no new ones, but keep reading their replies
         (see :data:`DRAIN_TIME`); closed when they are all in, or when that time is up."""
@@ -185,6 +190,8 @@ class MultiplexedScripts:
         #: The connection used last: the fast path while one loop does all the calls.
         self._connection: _Multiplexed | None = None
         self._by_loop: dict[asyncio.AbstractEventLoop, _Multiplexed] = {}
+        #: Connections given up on that still read their late replies (see DRAIN_TIME).
+        self._draining: set[_Multiplexed] = set()
         self._connecting: dict[asyncio.AbstractEventLoop, asyncio.Task[_Multiplexed]] = {}
 
     async def run(
@@ -229,6 +236,8 @@ class MultiplexedScripts:
             if deadline_arg is not None:
                 args[deadline_arg] = connection.deadline(until)
             reply = await connection.send(eval_source(script, keys, args))
+        if deadline_arg is not None and reply == LATE_REPLY:
+            connection.clock = None  # the deadline came early: the reading was slow
         return checked(reply)
 
     async def command(self, *args: str | int) -> Any:
@@ -286,12 +295,21 @@ class MultiplexedScripts:
         self._by_loop = {
             other: kept for other, kept in self._by_loop.items() if not other.is_closed()
         }
+        replaced = self._by_loop.get(loop)
+        self._draining = {
+            kept for kept in {*self._draining, replaced} if kept is not None and kept.draining
+        }
         self._by_loop[loop] = self._connection = connection
         return connection
 
     async def close(self) -> None:
-        """Close the running loop's connection (another loop's is left to that loop)."""
-        connection = self._by_loop.pop(get_running_loop(), None)
+        """Close the running loop's connections (another loop's are left to that loop),
+        those still reading late replies too."""
+        loop = get_running_loop()
+        for draining in [c for c in self._draining if c.loop is loop]:
+            self._draining.discard(draining)
+            draining.abort(RedisConnectionError("the client is closed"))
+        connection = self._by_loop.pop(loop, None)
         if connection is not None:
             if self._connection is connection:
                 self._connection = None

@@ -9,7 +9,6 @@ routed to a node.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -33,13 +32,12 @@ from redis.utils import SENTINEL
 from .faults import CircuitOpen, Fault, classify
 from .runtime import PROBE_INTERVAL, Breaker
 from .scripts import SOURCES
-from .servertime import ServerClock
+from .servertime import LATE_REPLY, ServerClock
 
 #: Seconds before trying again a script whose slot is being migrated: the first wait,
 #: doubled each time up to the second.
 RESHARD_DELAYS = (0.01, 0.05)
-#: When (``time.monotonic()``) the current sync call is given up on, while it has less
-#: than the timeout left: see :func:`budgeted`.
+#: When (``time.monotonic()``) the current sync call is given up on: see :func:`budgeted`.
 _gives_up: ContextVar[float | None] = ContextVar("usage_guard_gives_up", default=None)
 
 
@@ -94,6 +92,17 @@ def _slot_moving(error: Exception) -> bool:
 _ANSWERS = (ResponseError, ClusterError, BusyLoadingError)
 
 
+def _node_of(error: Exception, sent_to: str) -> str:
+    """The node a failed call last reached: redis-py names it on the error when it
+    followed a redirect (``error.connection``: a node or a connection)."""
+    reached = getattr(error, "connection", None)
+    name = getattr(reached, "name", None)
+    if isinstance(name, str):
+        return name
+    host, port = getattr(reached, "host", None), getattr(reached, "port", None)
+    return f"{host}:{port}" if host is not None and port is not None else sent_to
+
+
 def _routed(client: Any, args: tuple[str | int, ...]) -> dict[str, Any]:
     """Where a cluster client sends a ping's commands without a key, which the async one
     cannot route by itself: ``SCRIPT LOAD`` to every primary, ``INFO`` and ``CONFIG`` to one."""
@@ -141,18 +150,14 @@ class _Nodes:
     def _rediscover(self, failed: str) -> None:
         """Learn the slots again, the other nodes asked first, at most once a probe
         interval: calls refused by a breaker reach no node, so nothing else would tell
-        the client that a replica took the failed master's slots over."""
+        the async client that a replica took the failed master's slots over. (The sync
+        client rediscovers inside every failed call, a probe's too.)"""
+        if not isinstance(self.client, AsyncCluster):
+            return
         now = time.monotonic()
-        if now < self._next_rediscovery:
-            return
-        self._next_rediscovery = now + PROBE_INTERVAL
-        if isinstance(self.client, AsyncCluster):
+        if now >= self._next_rediscovery:
+            self._next_rediscovery = now + PROBE_INTERVAL
             self.client.rediscover(failed)
-            return
-        # The sync client's own way after a failure: a few ms, from a healthy node; when
-        # it fails, the next refusal tries again.
-        with contextlib.suppress(Exception):
-            self.client.nodes_manager.initialize(last_failed_node_name=failed)
 
     def clock(self, node: str) -> ServerClock | None:
         """The node's clock, None when it must be read first."""
@@ -164,14 +169,22 @@ class _Nodes:
         clock = self._clocks[node] = ServerClock.reading(reply, time.monotonic())
         return clock
 
-    def answered(self, node: str) -> None:
+    def answered(self, node: str, reply: Any) -> None:
+        if reply == LATE_REPLY:  # the deadline came early: the clock reading was slow
+            self._clocks.pop(node, None)
         if self._breaker_of is not None:
             self._breaker_of(node).answered()
 
-    def failed(self, node: str, error: Exception) -> None:
+    def failed(self, node: str, error: Exception, waited: float) -> None:
+        """``node`` (where the call was sent) failed, or the node redis-py followed a
+        redirect to, when the error names it, after ``waited`` seconds of the
+        ``timeout`` the breakers' probes wait."""
+        node = _node_of(error, node)
         self._clocks.pop(node, None)
         if self._breaker_of is not None:
             breaker = self._breaker_of(node)
+            if isinstance(error, redis.TimeoutError) and waited < breaker.timeout / 2:
+                return  # the call's own time ran out (tries during a slot migration)
             # Only silence opens a node's breaker: an error reply costs no wait, and one
             # such as CLUSTERDOWN, a whole cluster's for a moment, says nothing of the node.
             if classify(error) is Fault.OUTAGE and not isinstance(error, _ANSWERS):
@@ -265,15 +278,15 @@ class RedisScripts:
         wait: float | None = None,
         deadline_arg: int | None = None,
     ) -> Any:
-        # ``wait`` bounds the call as a whole: the tries during a slot migration, and each
-        # reply when the client's connections are budgeted (see budgeted()).
+        # The call as a whole ends at its deadline: the tries during a slot migration, and
+        # (the client's connections are budgeted, see budgeted()) each connect and read,
+        # those of redis-py's own rediscovery after a failure included.
         deadline = time.monotonic() + (self._timeout if wait is None else wait)
-        token = None if wait is None else _gives_up.set(deadline)
+        token = _gives_up.set(deadline)
         try:
             return self._tries(script, keys, args, deadline, deadline_arg)
         finally:
-            if token is not None:
-                _gives_up.reset(token)
+            _gives_up.reset(token)
 
     def _tries(
         self,
@@ -288,6 +301,7 @@ class RedisScripts:
         while True:
             node = nodes.of(keys)
             nodes.admit(node)
+            attempt = time.monotonic()
             try:
                 if deadline_arg is not None and nodes.clocks:
                     clock = nodes.clock(node) or nodes.read_clock(
@@ -297,11 +311,11 @@ class RedisScripts:
                     args[deadline_arg] = clock.deadline(gives_up)
                 reply = self._evalsha(script, keys, args)
             except Exception as error:
-                nodes.failed(node, error)
+                nodes.failed(node, error, time.monotonic() - attempt)
                 if not _slot_moving(error) or time.monotonic() + delay > deadline:
                     raise
             else:
-                nodes.answered(node)
+                nodes.answered(node, reply)
                 return reply
             time.sleep(delay)
             delay = min(delay * 2, RESHARD_DELAYS[1])
@@ -426,6 +440,7 @@ class AsyncRedisScripts:
         delay = RESHARD_DELAYS[0]
         nodes = self._nodes
         while True:
+            attempt = loop.time()
             try:
                 if deadline_arg is not None and nodes.clocks:
                     clock = nodes.clock(node) or nodes.read_clock(
@@ -434,11 +449,11 @@ class AsyncRedisScripts:
                     args[deadline_arg] = clock.deadline(min(loop.time() + self._wait, deadline))
                 reply = await self._evalsha(script, keys, args)
             except Exception as error:
-                nodes.failed(node, error)
+                nodes.failed(node, error, loop.time() - attempt)
                 if not _slot_moving(error) or loop.time() + delay > deadline:
                     raise
             else:
-                nodes.answered(node)
+                nodes.answered(node, reply)
                 return reply
             await asyncio.sleep(delay)
             delay = min(delay * 2, RESHARD_DELAYS[1])

@@ -24,8 +24,10 @@ It holds because:
   pass when their timer is due, computed before the command is sent, in
   ``time.monotonic()`` or an event loop's ``loop.time()`` (asyncio's is
   ``time.monotonic()``; uvloop's is the same clock, read at the start of the loop's
-  iteration, so it only lags and its timers fire only later);
-* milliseconds are rounded down here and in the script.
+  iteration, so it only lags);
+* milliseconds are rounded down here and in the script, and one more is taken off:
+  uvloop rounds a timer's delay to the nearest millisecond, so its timers may fire up
+  to half a millisecond early.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ REFRESH = 60.0
 DRIFT = 2e-4
 #: The packed ``TIME`` command.
 TIME = b"*1\r\n$4\r\nTIME\r\n"
+#: What ``consume.lua`` answers a call that ran after its deadline. One that comes back
+#: to a caller still waiting means the reading erred too far (its round trip was slow):
+#: the client forgets it and reads the clock again.
+LATE_REPLY = [3]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +68,7 @@ class ServerClock:
         """``gives_up`` (``time.monotonic()``) in ms by the server's clock, rounded down and
         moved earlier by the drift that can have built up since the reading."""
         # Drift counts both ways from the reading; the moment is positive: int() rounds down.
-        return int((gives_up + self.offset - abs(gives_up - self.read_at) * DRIFT) * 1000)
+        return int((gives_up + self.offset - abs(gives_up - self.read_at) * DRIFT) * 1000) - 1
 
     def stale(self, now: float) -> bool:
         return now - self.read_at > REFRESH

@@ -105,6 +105,11 @@ class Backend:
             )
         if not timeout > 0:
             raise InvalidUsage("timeout must be a positive number of seconds")
+        if parts.scheme in ("redis", "rediss"):
+            try:
+                parts.port  # noqa: B018 (urllib checks the port when it is read)
+            except ValueError as error:
+                raise InvalidUsage(f"cannot use the storage URL {redacted(url)}: {error}") from None
         self.url = url
         self.timeout = timeout
         self.max_connections = max_connections

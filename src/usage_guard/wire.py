@@ -33,7 +33,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .scripts import SHAS, SOURCES
-from .servertime import REFRESH, TIME, ServerClock
+from .servertime import LATE_REPLY, REFRESH, TIME, ServerClock
 
 #: Bytes read from a socket at a time; the hot path's replies are far smaller.
 READ_SIZE = 65536
@@ -226,6 +226,8 @@ class SocketScripts:
                     if clock is None or now - clock.read_at > REFRESH:
                         clock = self._clock = connection.read_clock()
                         now = time.monotonic()
+                        if deadline is not None:  # the reading took some of the wait
+                            connection.sock.settimeout(max(0.001, deadline - now))
                     gives_up = now + self.endpoint.timeout if deadline is None else deadline
                     args[deadline_arg] = clock.deadline(gives_up)
                 # hiredis' stub types the tuple as one element.
@@ -237,6 +239,8 @@ class SocketScripts:
                 reply = connection.call(eval_source(script, keys or [], args or []))
             if deadline is not None:
                 connection.sock.settimeout(self.endpoint.timeout)
+            if deadline_arg is not None and reply == LATE_REPLY:
+                self._clock = None  # the deadline came early: the reading was slow
         except BaseException:
             connection.close()
             # The idle sockets lead to the same server: after a restart they are all
