@@ -184,10 +184,10 @@ def scenario(port: int, pid: int, flavour: str, mode: BackendErrorPolicy, args: 
     runtime: Any = guard.runtime
     failed, lock, why = runtime.failed, threading.Lock(), Counter[str]()
 
-    def count_failure(call: Any, error: Exception, *rest: Any) -> Any:
+    def count_failure(call: Any, error: Exception, *rest: Any, **options: Any) -> Any:
         with lock:
             why["not_sent" if isinstance(error, (CircuitOpen, BudgetSpent)) else "sent"] += 1
-        return failed(call, error, *rest)
+        return failed(call, error, *rest, **options)
 
     runtime.failed = count_failure
     fault = pause_in_middle(pid, args.duration, args.pause)

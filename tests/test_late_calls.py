@@ -19,10 +19,26 @@ from typing import Any
 
 import pytest
 import redis
+from flask import Flask
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
 
 from conftest import RedisProcess, raw_client, wait_for
-from usage_guard import Decision, Plan, ThresholdEvent, UsageGuard, wire
+from usage_guard import (
+    Decision,
+    Plan,
+    ThresholdEvent,
+    UsageGuard,
+    UsageGuardMiddleware,
+    metered,
+    wire,
+)
+from usage_guard.asgi import from_headers
 from usage_guard.calls import Call
+from usage_guard.flask import UsageGuardFlask
 from usage_guard.keys import KeySpace
 from usage_guard.multiplexed import MultiplexedScripts
 from usage_guard.servertime import DRIFT, ServerClock
@@ -399,3 +415,111 @@ def test_a_late_reply_drops_the_multiplexed_connections_clock_reading(
     # Fail-open: the late one was served, and counted.
     assert guard.usage("acme").meters["emails"].used == 3
     guard.close()
+
+
+# -- an integration's consumption counts only if its request is served ---------------
+
+
+def guarded_app(guard: UsageGuard) -> Starlette:
+    """api_calls metered by the middleware (failing open), ai_tokens by @metered in the
+    route (failing closed, as in the README)."""
+
+    @metered("ai_tokens", 10)
+    async def generate() -> str:
+        return "text"
+
+    async def ai(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(await generate())
+
+    async def plain(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/ai", ai), Route("/plain", plain)])
+    app.add_middleware(
+        UsageGuardMiddleware, guard=guard, identify=from_headers(), rate_limits=False
+    )
+    return app
+
+
+@pytest.mark.real_redis
+def test_a_request_refused_during_a_hang_is_not_charged_and_a_served_one_is_once(
+    redis_process: RedisProcess, paused: Callable[[bool], None]
+) -> None:
+    guard = UsageGuard.from_url(
+        redis_process.url,
+        plans=PLANS,
+        default_plan="free",
+        timeout=0.3,
+        on_backend_error={"ai_tokens": "deny"},
+    )
+    refused, served = {"x-org-id": "refused"}, {"x-org-id": "served"}
+    with TestClient(guarded_app(guard)) as client:
+        assert client.get("/ai", headers=refused).status_code == 200  # 1 api_call each
+        assert client.get("/plain", headers=served).status_code == 200
+        paused(True)
+        try:
+            # The first one's api_calls is sent and times out; the others' never leave
+            # (the breaker): all are answered by the policy.
+            statuses = [client.get("/ai", headers=refused).status_code]
+            statuses += [client.get("/plain", headers=served).status_code for _ in range(3)]
+        finally:
+            paused(False)
+        assert client.portal is not None
+        client.portal.call(guard.aio.aclose)
+    guard.close()  # what the served requests owe lands (the settler's queue drains)
+    assert statuses == [503, 200, 200, 200]
+    period = guard.calls.time.now()[0]
+    plain = redis.Redis(port=redis_process.port, decode_responses=True)
+
+    def api_calls(org: str) -> int:
+        return int(plain.get(KeySpace.of("ug", org).counter("api_calls", period.key)) or 0)
+
+    wait_for(lambda: api_calls("served") >= 4, timeout=3, what="the served requests counted")
+    time.sleep(0.5)  # and a late call, if any, run
+    assert api_calls("refused") == 1  # the refused one: nothing
+    assert api_calls("served") == 4  # each served one: once
+    plain.close()
+
+
+@pytest.mark.real_redis
+def test_a_flask_request_served_during_a_hang_is_counted_once_and_a_refused_one_not(
+    redis_process: RedisProcess, paused: Callable[[bool], None]
+) -> None:
+    guard = UsageGuard.from_url(
+        redis_process.url,
+        plans=PLANS,
+        default_plan="free",
+        timeout=0.3,
+        on_backend_error={"ai_tokens": "deny"},
+    )
+    app = Flask(__name__)
+    UsageGuardFlask(app, guard=guard, identify=from_headers())
+
+    @guard.metered("ai_tokens", 10)
+    def generate() -> str:
+        return "text"
+
+    app.add_url_rule("/ai", "ai", generate)
+    app.add_url_rule("/plain", "plain", lambda: "ok")
+    client = app.test_client()
+    refused, served = {"x-org-id": "refused"}, {"x-org-id": "served"}
+    assert client.get("/ai", headers=refused).status_code == 200
+    assert client.get("/plain", headers=served).status_code == 200
+    paused(True)
+    try:
+        statuses = [client.get("/ai", headers=refused).status_code]
+        statuses += [client.get("/plain", headers=served).status_code for _ in range(3)]
+    finally:
+        paused(False)
+    guard.close()
+    assert statuses == [503, 200, 200, 200]
+    period = guard.calls.time.now()[0]
+    plain = redis.Redis(port=redis_process.port, decode_responses=True)
+
+    def api_calls(org: str) -> int:
+        return int(plain.get(KeySpace.of("ug", org).counter("api_calls", period.key)) or 0)
+
+    wait_for(lambda: api_calls("served") >= 4, timeout=3, what="the served requests counted")
+    time.sleep(0.5)
+    assert (api_calls("refused"), api_calls("served")) == (1, 4)
+    plain.close()

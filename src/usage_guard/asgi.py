@@ -135,11 +135,13 @@ class UsageGuardMiddleware:
                         await _send_problem(limited, send)
                         return
                 if amounts:
+                    # Provisional: counted only if the request is served (see _call_app).
                     if len(amounts) == 1:
                         [(metric, units)] = amounts.items()
-                        decision = await self.aguard.consume(who.org, metric, units, user=who.user)
+                        call = self.calls.provisional(who.org, metric, units, user=who.user)
                     else:
-                        decision = await self.aguard.consume(who.org, amounts, user=who.user)
+                        call = self.calls.provisional(who.org, amounts, 1, user=who.user)
+                    decision = await self.aguard._run(call)
             except InvalidIdentifier:
                 await _send_problem(INVALID_IDENTITY, send)
                 return
@@ -208,8 +210,12 @@ class UsageGuardMiddleware:
             problem = answer(error, self.catalog, self.calls.clock(), status=self.status_code)
             refused = isinstance(error, UsageLimitExceeded)
             await _send_problem(problem, send)
-        if refused and decision is not None and who is not None:
+        if decision is None or who is None:
+            return
+        if refused:
             await self.aguard._refund(who.org, amounts, who.user, decision)
+        elif decision.scope == "unavailable":  # served by the outage policy: counted later
+            self.aguard.sync._owe(who.org, amounts, who.user)
 
 
 def _is_problem(start: Message) -> bool:

@@ -61,6 +61,10 @@ _TTL_ARG, _NOW_ARG, DEADLINE_ARG, _LATE_ARG, _AMOUNT_ARG = 1, 5, 7, 8, 10
 _LATE = {True: "count", False: "skip"}
 
 
+def _counted(reply: Any) -> tuple[bool, Events]:
+    return True, ()
+
+
 @dataclass(slots=True)
 class _Prepared:
     """A single-metric consumption built for one period: the call that each one copies."""
@@ -330,6 +334,30 @@ class Calls:
         return Call(
             "adjust", keys, args, lambda reply: self.replies.adjusted(org, now[0], now[0], reply)
         )
+
+    def provisional(
+        self, org: str, metric: str | Amounts, amount: int, *, user: str | None
+    ) -> Call[Decision]:
+        """A consumption whose request may still be refused (an integration's): run late,
+        it counts nothing, whatever the policy; the integration counts it with
+        :meth:`owed` once the request has been served."""
+        call = self.consume(org, metric, amount, user=user)
+        call.args[_LATE_ARG] = _LATE[False]
+        return call
+
+    def owed(self, org: str, amounts: Amounts, user: str | None) -> Call[bool]:
+        """Count, unchecked and once, what a request the outage policy served consumed:
+        a consumption late on purpose (its deadline 1 ms after the epoch) under an
+        idempotency key of its own, so a retry after a timeout counts nothing more."""
+        items = self.amounts(amounts, 1)
+        space = KeySpace.of(self.prefix, org)
+        record = space.idempotency(f"owed:{uuid.uuid4().hex}")
+        keys, args = self._script_args(
+            space, user, items, self.time.now(), "idempotent", extra_keys=(record,)
+        )
+        args[DEADLINE_ARG], args[_LATE_ARG] = 1, _LATE[True]
+        # The reply is {3} (counted late) or {2, ...} (counted by an earlier try).
+        return Call("consume", keys, args, _counted, bounded=False)
 
     def refund(
         self, org: str, amounts: Amounts, user: str | None, admitted: Decision

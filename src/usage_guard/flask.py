@@ -169,11 +169,14 @@ class FlaskMetering:
                     limited = self.rate_limits.hit(who.org, amounts)
                     if limited is not None:
                         return _response(limited)
+                # Provisional: counted only if the request is served (see after()).
+                calls = self.guard.calls
                 if len(amounts) == 1:
                     [(metric, units)] = amounts.items()
-                    decision = self.guard.consume(who.org, metric, units, user=who.user)
+                    call = calls.provisional(who.org, metric, units, user=who.user)
                 else:
-                    decision = self.guard.consume(who.org, amounts, user=who.user)
+                    call = calls.provisional(who.org, amounts, 1, user=who.user)
+                decision = self.guard._run(call)
         except InvalidIdentifier:
             return _response(INVALID_IDENTITY)
         if decision is not None and not decision.allowed:
@@ -193,6 +196,10 @@ class FlaskMetering:
             who = g.usage_guard_subject
             self.guard._refund(who.org, g.usage_guard_amounts, who.user, decision)
             return response
+        if decision is not None and decision.scope == "unavailable":
+            # Served by the outage policy: counted once Redis answers.
+            who = g.usage_guard_subject
+            self.guard._owe(who.org, g.usage_guard_amounts, who.user)
         # A 429 from a view already names the metric that denied.
         if (
             self.ratelimit_headers

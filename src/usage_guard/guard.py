@@ -6,6 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, overload
 
 from .calls import Amounts, Call, Calls
@@ -67,7 +68,7 @@ class UsageGuard:
         self.backend = backend
         self._aio: AsyncUsageGuard | None = None
         #: Settles and cancels that met an outage, retried until they land.
-        self.settler = Settler(self._run, runtime.failures)
+        self.settler = Settler(partial(self._run, record=False), runtime.failures)
 
     @classmethod
     def from_url(
@@ -149,7 +150,9 @@ class UsageGuard:
         self.runtime.observe(observer)
         return observer
 
-    def _run(self, call: Call[T]) -> T:
+    def _run(self, call: Call[T], *, record: bool = True) -> T:
+        """One round trip; ``record=False``: a failure is not counted nor logged (the
+        settler's retries: ``backend_errors`` counts what the policy answered)."""
         failures_before = self.runtime.failures.backend_errors
         sent = None
         try:
@@ -160,7 +163,7 @@ class UsageGuard:
                 call.script, call.keys, call.args, wait, call.deadline_arg
             )
         except Exception as error:  # what it means is for the error table to say
-            return self.runtime.failed(call, error, sent)
+            return self.runtime.failed(call, error, sent, record=record)
         return self.runtime.completed(call, reply, failures_before, sent)
 
     # -- metering ---------------------------------------------------------------------
@@ -326,6 +329,12 @@ class UsageGuard:
         if admitted.scope != "unavailable":  # else nothing was counted
             with contextlib.suppress(BackendUnavailable):
                 self._run(self.calls.refund(org, amounts, user, admitted))
+
+    def _owe(self, org: str, amounts: Amounts, user: str | None) -> None:
+        """Count what a request served by the outage policy consumed, in the background
+        until Redis answers (see :meth:`Calls.owed`): its own consumption, if it ran
+        late, counted nothing."""
+        self.settler.defer(self.calls.owed(org, amounts, user))
 
     def _settle(self, call: Call[bool]) -> bool:
         try:

@@ -226,7 +226,9 @@ class Runtime:
             self.observer.answered(call.script, sent, result, events)
         return result
 
-    def failed(self, call: Call[T], error: Exception, sent: float | None = None) -> T:
+    def failed(
+        self, call: Call[T], error: Exception, sent: float | None = None, *, record: bool = True
+    ) -> T:
         """Record a failed call; answer by the call's fallback (the outage policy).
         ``sent``: as for :meth:`completed` (None too when the call was not sent)."""
         fault = classify(error)
@@ -241,7 +243,8 @@ class Runtime:
         if fault is Fault.DATA:
             key = str(error).removeprefix(DATA_REPLY).partition(" holds no integer")[0]
             raise CorruptedCounter(key) from None
-        fault = self.failures.record(error)
+        if record:
+            fault = self.failures.record(error)
         if call.fallback is None:
             if fault is Fault.MISCONFIGURED:
                 raise BackendMisconfigured(str(error)) from error
