@@ -441,17 +441,37 @@ def guarded_app(guard: UsageGuard) -> Starlette:
     return app
 
 
-@pytest.mark.real_redis
-def test_a_request_refused_during_a_hang_is_not_charged_and_a_served_one_is_once(
-    redis_process: RedisProcess, paused: Callable[[bool], None]
-) -> None:
-    guard = UsageGuard.from_url(
-        redis_process.url,
+def mixed_policy_guard(process: RedisProcess) -> UsageGuard:
+    """api_calls failing open, ai_tokens failing closed."""
+    return UsageGuard.from_url(
+        process.url,
         plans=PLANS,
         default_plan="free",
         timeout=0.3,
         on_backend_error={"ai_tokens": "deny"},
     )
+
+
+def assert_refused_free_and_served_once(guard: UsageGuard, process: RedisProcess) -> None:
+    """Each org made one request before the hang; "refused" one refused during it,
+    "served" three served: once Redis has run and been told everything, 1 and 4."""
+    period = guard.calls.time.now()[0]
+    plain = redis.Redis(port=process.port, decode_responses=True)
+
+    def api_calls(org: str) -> int:
+        return int(plain.get(KeySpace.of("ug", org).counter("api_calls", period.key)) or 0)
+
+    wait_for(lambda: api_calls("served") >= 4, timeout=3, what="the served requests counted")
+    time.sleep(0.5)  # and a late call, if any, run
+    assert (api_calls("refused"), api_calls("served")) == (1, 4)
+    plain.close()
+
+
+@pytest.mark.real_redis
+def test_a_request_refused_during_a_hang_is_not_charged_and_a_served_one_is_once(
+    redis_process: RedisProcess, paused: Callable[[bool], None]
+) -> None:
+    guard = mixed_policy_guard(redis_process)
     refused, served = {"x-org-id": "refused"}, {"x-org-id": "served"}
     with TestClient(guarded_app(guard)) as client:
         assert client.get("/ai", headers=refused).status_code == 200  # 1 api_call each
@@ -468,30 +488,14 @@ def test_a_request_refused_during_a_hang_is_not_charged_and_a_served_one_is_once
         client.portal.call(guard.aio.aclose)
     guard.close()  # what the served requests owe lands (the settler's queue drains)
     assert statuses == [503, 200, 200, 200]
-    period = guard.calls.time.now()[0]
-    plain = redis.Redis(port=redis_process.port, decode_responses=True)
-
-    def api_calls(org: str) -> int:
-        return int(plain.get(KeySpace.of("ug", org).counter("api_calls", period.key)) or 0)
-
-    wait_for(lambda: api_calls("served") >= 4, timeout=3, what="the served requests counted")
-    time.sleep(0.5)  # and a late call, if any, run
-    assert api_calls("refused") == 1  # the refused one: nothing
-    assert api_calls("served") == 4  # each served one: once
-    plain.close()
+    assert_refused_free_and_served_once(guard, redis_process)
 
 
 @pytest.mark.real_redis
 def test_a_flask_request_served_during_a_hang_is_counted_once_and_a_refused_one_not(
     redis_process: RedisProcess, paused: Callable[[bool], None]
 ) -> None:
-    guard = UsageGuard.from_url(
-        redis_process.url,
-        plans=PLANS,
-        default_plan="free",
-        timeout=0.3,
-        on_backend_error={"ai_tokens": "deny"},
-    )
+    guard = mixed_policy_guard(redis_process)
     app = Flask(__name__)
     UsageGuardFlask(app, guard=guard, identify=from_headers())
 
@@ -513,13 +517,4 @@ def test_a_flask_request_served_during_a_hang_is_counted_once_and_a_refused_one_
         paused(False)
     guard.close()
     assert statuses == [503, 200, 200, 200]
-    period = guard.calls.time.now()[0]
-    plain = redis.Redis(port=redis_process.port, decode_responses=True)
-
-    def api_calls(org: str) -> int:
-        return int(plain.get(KeySpace.of("ug", org).counter("api_calls", period.key)) or 0)
-
-    wait_for(lambda: api_calls("served") >= 4, timeout=3, what="the served requests counted")
-    time.sleep(0.5)
-    assert (api_calls("refused"), api_calls("served")) == (1, 4)
-    plain.close()
+    assert_refused_free_and_served_once(guard, redis_process)
