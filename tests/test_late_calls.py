@@ -452,6 +452,21 @@ def mixed_policy_guard(process: RedisProcess) -> UsageGuard:
     )
 
 
+def requests_during_a_hang(
+    get: Callable[[str, dict[str, str]], int], paused: Callable[[bool], None]
+) -> list[int]:
+    """One request per org before the hang, then during it one that the app refuses (its
+    api_calls sent and timed out) and three served (the breaker: theirs never leave)."""
+    refused, served = {"x-org-id": "refused"}, {"x-org-id": "served"}
+    assert get("/ai", refused) == 200  # 1 api_call each
+    assert get("/plain", served) == 200
+    paused(True)
+    try:
+        return [get("/ai", refused)] + [get("/plain", served) for _ in range(3)]
+    finally:
+        paused(False)
+
+
 def assert_refused_free_and_served_once(guard: UsageGuard, process: RedisProcess) -> None:
     """Each org made one request before the hang; "refused" one refused during it,
     "served" three served: once Redis has run and been told everything, 1 and 4."""
@@ -472,18 +487,10 @@ def test_a_request_refused_during_a_hang_is_not_charged_and_a_served_one_is_once
     redis_process: RedisProcess, paused: Callable[[bool], None]
 ) -> None:
     guard = mixed_policy_guard(redis_process)
-    refused, served = {"x-org-id": "refused"}, {"x-org-id": "served"}
     with TestClient(guarded_app(guard)) as client:
-        assert client.get("/ai", headers=refused).status_code == 200  # 1 api_call each
-        assert client.get("/plain", headers=served).status_code == 200
-        paused(True)
-        try:
-            # The first one's api_calls is sent and times out; the others' never leave
-            # (the breaker): all are answered by the policy.
-            statuses = [client.get("/ai", headers=refused).status_code]
-            statuses += [client.get("/plain", headers=served).status_code for _ in range(3)]
-        finally:
-            paused(False)
+        statuses = requests_during_a_hang(
+            lambda path, headers: client.get(path, headers=headers).status_code, paused
+        )
         assert client.portal is not None
         client.portal.call(guard.aio.aclose)
     guard.close()  # what the served requests owe lands (the settler's queue drains)
@@ -506,15 +513,9 @@ def test_a_flask_request_served_during_a_hang_is_counted_once_and_a_refused_one_
     app.add_url_rule("/ai", "ai", generate)
     app.add_url_rule("/plain", "plain", lambda: "ok")
     client = app.test_client()
-    refused, served = {"x-org-id": "refused"}, {"x-org-id": "served"}
-    assert client.get("/ai", headers=refused).status_code == 200
-    assert client.get("/plain", headers=served).status_code == 200
-    paused(True)
-    try:
-        statuses = [client.get("/ai", headers=refused).status_code]
-        statuses += [client.get("/plain", headers=served).status_code for _ in range(3)]
-    finally:
-        paused(False)
+    statuses = requests_during_a_hang(
+        lambda path, headers: client.get(path, headers=headers).status_code, paused
+    )
     guard.close()
     assert statuses == [503, 200, 200, 200]
     assert_refused_free_and_served_once(guard, redis_process)
