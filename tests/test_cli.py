@@ -9,6 +9,7 @@ import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -187,14 +188,42 @@ def test_keys_lists_the_exact_layout() -> None:
     assert keys[:4] == [
         "app:{acme}:org",
         "app:{acme}:budgets",
-        "app:{acme}:g:users",
-        "app:{acme}:h:users",
+        "app:{acme}:m:2027-02",
+        "app:{acme}:u:2027-02",
     ]
-    assert "app:{acme}:c:emails:2027-02" in keys
-    assert "app:{acme}:u:bo%20b:ai_tokens:2027-02" in keys
-    assert "app:{acme}:t:2027-02" in keys
+    assert "bo%20b:ai_tokens, bo%20b:enrichments" in out
+    assert "redis-cli HGETALL 'app:{acme}:m:2027-02'" in out
     assert out.rstrip().endswith("redis-cli --scan --pattern 'app:{acme}:*'")
     assert run("keys", "acme", "--period", "2027-13")[0] == 2
+
+
+def test_keys_as_json_name_every_key_and_field_the_scripts_write(url: str) -> None:
+    now = [datetime(2026, 10, 5, tzinfo=timezone.utc)]
+    guard = UsageGuard.from_url(url, plans=PLANS, default_plan="free", clock=lambda: now[0])
+    guard.set_usage("acme", "contacts", 5)
+    now[0] = datetime(2026, 12, 5, tzinfo=timezone.utc)  # after a month without a change
+    guard.set_budget("acme", "alice", "ai_tokens", 10_000)
+    guard.consume("acme", {m.name: 1 for m in guard.catalog}, user="alice", idempotency_key="k")
+    guard.consume("acme", "emails", 99).raise_for_status()  # 100 % of free's 100
+    guard.reserve("acme", "ai_tokens", 10, user="alice")
+    code, out = run("keys", "acme", "--user", "alice", "--period", "2026-12", "--json")
+    assert code == 0
+    listed = {row["key"]: row for row in json.loads(out)["keys"]}
+    assert listed["ug:{acme}:org"]["expires"] == "never"
+    patterns = {key.removesuffix("*"): row for key, row in listed.items() if key.endswith("*")}
+    command = guard.backend.sync().command
+    written = command("KEYS", "ug:{acme}:*")
+    assert len(written) == 9, written
+    for key in written:
+        # An earlier month's hash has the fields of this month's.
+        row = listed.get(key.replace(":m:2026-10", ":m:2026-12")) or next(
+            row for prefix, row in patterns.items() if key.startswith(prefix)
+        )
+        if row["type"] == "hash" and key != "ug:{acme}:held":
+            assert set(command("HKEYS", key)) <= set(row["fields"]), key
+    assert "s:contacts" in command("HKEYS", "ug:{acme}:m:2026-12")
+    assert "t:emails" in command("HKEYS", "ug:{acme}:m:2026-12")
+    guard.close()
 
 
 def test_entry_point_runs_as_a_console_script() -> None:

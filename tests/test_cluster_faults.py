@@ -67,8 +67,9 @@ def slot(org: str) -> int:
     return redis.crc.key_slot(f"{{{org}}}".encode())
 
 
-def counter_key() -> str:
-    return f"ug:{{{CAPPED}}}:c:emails:{NOW:%Y-%m}"
+def month_key() -> str:
+    """CAPPED's meters of NOW's month (its emails counter is the field "emails")."""
+    return f"ug:{{{CAPPED}}}:m:{NOW:%Y-%m}"
 
 
 @dataclass
@@ -191,7 +192,8 @@ def exercise(
         counted = guard.failures.backend_errors - errors_before
     finally:
         guard.close()
-    counter = int(cluster.client(cluster.master_of(slot(CAPPED))).get(counter_key()) or 0)
+    master = cluster.client(cluster.master_of(slot(CAPPED)))
+    counter = int(master.hget(month_key(), "emails") or 0)
     records = [r for r in caplog.records if r.name.startswith("usage_guard")]
     return Run(mode, orgs, timeout, load, broken, counted, records, counter, wall)
 

@@ -58,47 +58,54 @@ def test_every_key_has_its_documented_name_type_and_ttl(guard: UsageGuard, clock
     guard.consume("acme", {"ai_tokens": 90, "contacts": 45}, user="alice")
     reservation = guard.reserve("acme", "emails", 2, user="alice")
     guard.consume("acme", "enrichments", 4, user="bob")
-    p = guard.calls.prefix
+    base = f"{guard.calls.prefix}:{{acme}}:"
     client = raw_client(guard)
     # An open reservation holds its estimate apart from the counters until its deadline.
-    entry = f"r:{reservation.ticket.id}\tc:emails:2026-11=2"
-    expected = {
-        f"{p}:{{acme}}:org": (
+    entry = f"r:{reservation.ticket.id}\tm:2026-11:emails=2"
+    window_end = seconds_until(NOVEMBER_KEYS_EXPIRE, clock)
+    never = None
+    # key -> (type, value, TTL until it leaves the history window; never: no TTL)
+    expected: dict[str, tuple[str, Any, float | None]] = {
+        base + "org": (
             "hash",
             {
                 "plan": "pro",
                 "limit:contacts": "50",
                 "reservations:due": str(reservation.ticket.deadline),
+                "contacts": "45",  # a cumulative meter's value now
             },
+            never,
         ),
-        f"{p}:{{acme}}:budgets": ("hash", {"alice:ai_tokens": "100"}),
-        f"{p}:{{acme}}:c:emails:2026-11": ("string", "3"),
-        f"{p}:{{acme}}:c:ai_tokens:2026-11": ("string", "90"),
-        f"{p}:{{acme}}:c:enrichments:2026-11": ("string", "4"),
-        f"{p}:{{acme}}:u:alice:ai_tokens:2026-11": ("string", "90"),
-        f"{p}:{{acme}}:u:bob:enrichments:2026-11": ("string", "4"),
-        f"{p}:{{acme}}:g:contacts": ("string", "45"),
-        f"{p}:{{acme}}:h:contacts": ("hash", {"2026-11": "45"}),
-        f"{p}:{{acme}}:t:2026-11": ("hash", {"contacts": "90"}),
-        f"{p}:{{acme}}:r:{reservation.ticket.id}": ("string", entry),
-        f"{p}:{{acme}}:reservations": ("zset", [(entry, reservation.ticket.deadline)]),
-        f"{p}:{{acme}}:held": ("hash", {"c:emails:2026-11": "2"}),
+        base + "budgets": ("hash", {"alice:ai_tokens": "100"}, never),
+        base + "m:2026-11": (
+            "hash",
+            {
+                "emails": "3",
+                "ai_tokens": "90",
+                "enrichments": "4",
+                "contacts": "45",  # a cumulative meter's last value this month
+                "t:contacts": "90",  # the highest threshold emitted this month
+            },
+            window_end,
+        ),
+        base + "u:2026-11": ("hash", {"alice:ai_tokens": "90", "bob:enrichments": "4"}, window_end),
+        base + f"r:{reservation.ticket.id}": ("string", entry, window_end),
+        base + "reservations": ("zset", [(entry, reservation.ticket.deadline)], window_end),
+        base + "held": ("hash", {"m:2026-11:emails": "2"}, window_end),
     }
-    idempotency = f"{p}:{{acme}}:idem:req-1"
+    idempotency = base + "idem:req-1"
     assert keys_of(guard) == {*expected, idempotency}
-    for key, (kind, value) in expected.items():
+    for key, (kind, value, ttl) in expected.items():
         assert client.type(key) == kind, key
         if kind == "zset":
             stored: Any = client.zrange(key, 0, -1, withscores=True)
         else:
             stored = client.hgetall(key) if kind == "hash" else client.get(key)
         assert stored == value, key
-    window_end = seconds_until(NOVEMBER_KEYS_EXPIRE, clock)
-    for key in expected:
-        if ":c:" in key or ":u:" in key or ":t:" in key or ":r" in key or ":held" in key:
-            assert_ttl(client, key, window_end)
+        if ttl is never:
+            assert client.ttl(key) == -1, key  # org data never expires
         else:
-            assert client.ttl(key) == -1, key  # org data and cumulative meters never expire
+            assert_ttl(client, key, ttl)
     assert client.type(idempotency) == "string"
     assert_ttl(client, idempotency, 86400)
 
@@ -106,7 +113,7 @@ def test_every_key_has_its_documented_name_type_and_ttl(guard: UsageGuard, clock
 def test_ttls_follow_the_injected_clock(guard: UsageGuard, clock: Any) -> None:
     clock.set(2026, 6, 30, 23, 59, 59)
     guard.consume("acme", "emails", 1)
-    key = f"{guard.calls.prefix}:{{acme}}:c:emails:2026-06"
+    key = f"{guard.calls.prefix}:{{acme}}:m:2026-06"
     assert_ttl(
         raw_client(guard), key, seconds_until(datetime(2026, 12, 1, tzinfo=timezone.utc), clock)
     )
@@ -115,20 +122,85 @@ def test_ttls_follow_the_injected_clock(guard: UsageGuard, clock: Any) -> None:
 def test_history_months_sets_how_long_monthly_keys_live(make_guard: MakeGuard, clock: Any) -> None:
     guard = make_guard(plans=PLANS, history_months=2)
     guard.consume("acme", "emails", 1)
-    key = f"{guard.calls.prefix}:{{acme}}:c:emails:2026-11"
+    key = f"{guard.calls.prefix}:{{acme}}:m:2026-11"
     assert_ttl(
         raw_client(guard), key, seconds_until(datetime(2027, 1, 1, tzinfo=timezone.utc), clock)
     )
     assert len(guard.usage("acme").periods) == 2
 
 
-def test_cumulative_history_keeps_only_the_window(make_guard: MakeGuard, clock: Any) -> None:
+def test_cumulative_history_lives_only_as_long_as_the_window(
+    make_guard: MakeGuard, clock: Any
+) -> None:
     guard = make_guard(plans=PLANS, history_months=3)
+    client = raw_client(guard)
+    base = f"{guard.calls.prefix}:{{acme}}:"
+    ttls: dict[str, float] = {}
     for month in range(1, 8):
         clock.set(2026, month, 15)
         guard.set_usage("acme", "storage", month)
-    history = raw_client(guard).hgetall(f"{guard.calls.prefix}:{{acme}}:h:storage")
-    assert history == {"2026-05": "5", "2026-06": "6", "2026-07": "7"}
+        # Each month's value lives until the month leaves the 3-month window.
+        leaves = datetime(2026, month + 3, 1, tzinfo=timezone.utc)
+        ttls[f"m:2026-{month:02}"] = seconds_until(leaves, clock)
+    for name, ttl in ttls.items():
+        assert_ttl(client, base + name, ttl)
+    assert client.hgetall(base + "m:2026-07") == {"storage": "7"}
+    # Only the window's months are read.
+    assert guard.usage("acme").meters["storage"].history == (5, 6, 7)
+
+
+def test_a_cumulative_value_never_expires(make_guard: MakeGuard, clock: Any) -> None:
+    guard = make_guard(plans=PLANS, history_months=3)
+    guard.set_usage("acme", "storage", 42)
+    client = raw_client(guard)
+    org = f"{guard.calls.prefix}:{{acme}}:org"
+    assert client.hget(org, "storage") == "42"
+    assert client.ttl(org) == -1
+    # Long after November left the window, the value unchanged since shows in every month.
+    clock.set(2027, 8, 15)
+    storage = guard.usage("acme").meters["storage"]
+    assert (storage.used, storage.history) == (42, (42, 42, 42))
+
+
+def test_the_history_of_a_cumulative_meter_carries_the_value_into_the_window(
+    make_guard: MakeGuard, clock: Any
+) -> None:
+    guard = make_guard(plans=PLANS)  # window of November: June to November
+    clock.set(2026, 2, 10)
+    guard.set_usage("acme", "storage", 30)
+    clock.set(2026, 8, 20)
+    guard.set_usage("acme", "storage", 50)
+    guard.set_usage("acme", "storage", 60)
+    # July has no value of its own: August keeps the value it started from.
+    month = f"{guard.calls.prefix}:{{acme}}:m:2026-08"
+    assert raw_client(guard).hgetall(month) == {"storage": "60", "s:storage": "30"}
+    clock.set(2026, 11, 15)
+    # February is out of the window: June and July show the value carried in, the months
+    # without a change show the one before them.
+    assert guard.usage("acme").meters["storage"].history == (30, 30, 60, 60, 60, 60)
+    guard.release("acme", "storage", 20)
+    assert guard.usage("acme").meters["storage"].history == (30, 30, 60, 60, 60, 40)
+
+
+def test_the_first_personal_count_of_a_month_drops_the_month_befores(
+    guard: UsageGuard, clock: Any
+) -> None:
+    # Only the current month's personal counts are ever read: November's go with
+    # December's first one instead of waiting six months for their TTL.
+    guard.consume("acme", "ai_tokens", 10, user="alice")
+    base = f"{guard.calls.prefix}:{{acme}}:"
+    client = raw_client(guard)
+    assert client.hgetall(base + "u:2026-11") == {"alice:ai_tokens": "10"}
+    clock.set(2026, 12, 1)
+    guard.consume("acme", "ai_tokens", 3, user="bob")
+    assert client.exists(base + "u:2026-11") == 0
+    assert client.hgetall(base + "u:2026-12") == {"bob:ai_tokens": "3"}
+    assert_ttl(
+        client, base + "u:2026-12", seconds_until(datetime(2027, 6, 1, tzinfo=timezone.utc), clock)
+    )
+    assert guard.usage("acme", user="alice").personal["ai_tokens"].used == 0
+    # The org's own November count stays for the history.
+    assert client.hget(base + "m:2026-11", "ai_tokens") == "10"
 
 
 ODD_IDS = [
@@ -147,11 +219,9 @@ def test_ids_are_percent_encoded_into_keys(
 ) -> None:
     assert encode_id(identifier) == encoded and decode_id(encoded) == identifier
     guard.consume(identifier, "ai_tokens", 7, user=identifier)
-    p = guard.calls.prefix
-    assert keys_of(guard) == {
-        f"{p}:{{{encoded}}}:c:ai_tokens:2026-11",
-        f"{p}:{{{encoded}}}:u:{encoded}:ai_tokens:2026-11",
-    }
+    base = f"{guard.calls.prefix}:{{{encoded}}}:"
+    assert keys_of(guard) == {base + "m:2026-11", base + "u:2026-11"}
+    assert raw_client(guard).hgetall(base + "u:2026-11") == {f"{encoded}:ai_tokens": "7"}
     assert guard.usage(identifier, user=identifier).personal["ai_tokens"].used == 7
 
 
@@ -176,7 +246,8 @@ def test_every_key_of_an_org_is_in_its_hash_slot(guard: UsageGuard) -> None:
     guard.reserve(org, "emails", 1)
     names = keys_of(guard)
     tag = "{" + encode_id(org) + "}"
-    assert len(names) == 10
+    # org, budgets, m:, u:, idem:, r:, reservations, held
+    assert len(names) == 8
     assert all(name.count("{") == name.count("}") == 1 and tag in name for name in names)
     assert len({key_slot(name.encode()) for name in names}) == 1
 
@@ -184,7 +255,7 @@ def test_every_key_of_an_org_is_in_its_hash_slot(guard: UsageGuard) -> None:
 def test_the_prefix_is_configurable(make_guard: MakeGuard) -> None:
     guard = make_guard(plans=PLANS, prefix="billing7")
     guard.consume("acme", "emails")
-    assert keys_of(guard) == {"billing7:{acme}:c:emails:2026-11"}
+    assert keys_of(guard) == {"billing7:{acme}:m:2026-11"}
     for bad in ("", "a:b", "{x}", "a b"):
         with pytest.raises(InvalidUsage):
             make_guard(prefix=bad)
@@ -193,9 +264,7 @@ def test_the_prefix_is_configurable(make_guard: MakeGuard) -> None:
 def test_the_default_prefix_is_ug() -> None:
     guard = UsageGuard.from_url("memory://")
     guard.consume("acme", "emails")
-    assert raw_client(guard).keys("*") == [
-        f"ug:{{acme}}:c:emails:{datetime.now(timezone.utc):%Y-%m}"
-    ]
+    assert raw_client(guard).keys("*") == [f"ug:{{acme}}:m:{datetime.now(timezone.utc):%Y-%m}"]
     assert KeySpace("ug", "acme").org == "ug:{acme}:org"
 
 
@@ -205,14 +274,14 @@ def test_a_plain_redis_client_reads_the_counters(guard: UsageGuard) -> None:
     guard.set_budget("acme", "alice", "ai_tokens", 100)
     guard.consume("acme", "ai_tokens", 42, user="alice")
     guard.set_usage("acme", "storage", 10_485_760)
-    p = guard.calls.prefix
+    base = f"{guard.calls.prefix}:{{acme}}:"
     with redis.Redis.from_url(os.environ["USAGE_GUARD_REDIS_URL"], decode_responses=True) as cli:
-        # What `redis-cli GET 'ug:{acme}:c:ai_tokens:2026-11'` and friends show an operator.
-        assert cli.get(f"{p}:{{acme}}:c:ai_tokens:2026-11") == "42"
-        assert cli.get(f"{p}:{{acme}}:u:alice:ai_tokens:2026-11") == "42"
-        assert cli.hget(f"{p}:{{acme}}:budgets", "alice:ai_tokens") == "100"
-        assert cli.get(f"{p}:{{acme}}:g:storage") == "10485760"
-        assert cli.hgetall(f"{p}:{{acme}}:h:storage") == {"2026-11": "10485760"}
+        # What `redis-cli HGET 'ug:{acme}:m:2026-11' ai_tokens` and friends show an operator.
+        assert cli.hget(base + "m:2026-11", "ai_tokens") == "42"
+        assert cli.hget(base + "u:2026-11", "alice:ai_tokens") == "42"
+        assert cli.hget(base + "budgets", "alice:ai_tokens") == "100"
+        assert cli.hget(base + "org", "storage") == "10485760"
+        assert cli.hget(base + "m:2026-11", "storage") == "10485760"
 
 
 def script_commands() -> set[str]:
@@ -220,7 +289,7 @@ def script_commands() -> set[str]:
     return {
         f"cmdstat_{name.lower()}"
         for source in SOURCES.values()
-        for name in re.findall(r"redis\.call\('(\w+)'", source)
+        for name in re.findall(r"redis\.p?call\('(\w+)'", source)
     }
 
 
@@ -245,15 +314,18 @@ def test_one_consumption_is_one_evalsha(redis_process: Any) -> None:
     assert changed - script_commands() == {"cmdstat_evalsha", "cmdstat_info"}
 
 
-def snapshot(guard: UsageGuard) -> dict[str, tuple[Any, bool]]:
-    """Every key of the guard with its value and whether it expires."""
+def snapshot(guard: UsageGuard) -> dict[str, tuple[str, Any, bool]]:
+    """Every key of the guard with its type, value and whether it expires."""
     client = raw_client(guard)
+    read = {
+        "hash": client.hgetall,
+        "string": client.get,
+        "zset": lambda key: client.zrange(key, 0, -1, withscores=True),
+    }
     return {
-        key: (
-            client.hgetall(key) if client.type(key) == "hash" else client.get(key),
-            client.ttl(key) > 0,
-        )
+        key: (kind, read[kind](key), client.ttl(key) > 0)
         for key in keys_of(guard)
+        for kind in [client.type(key)]
     }
 
 
@@ -301,7 +373,7 @@ def test_one_reading_of_the_clock_per_call_even_across_midnight_on_the_1st(
     decision = guard.consume("acme", "emails")
     assert len(readings) == 2  # read once
     assert decision.resets_at == datetime(2026, 12, 1, tzinfo=timezone.utc)
-    key = f"{guard.calls.prefix}:{{acme}}:c:emails:2026-11"
+    key = f"{guard.calls.prefix}:{{acme}}:m:2026-11"
     ttl = raw_client(guard).ttl(key)
     # November's counter lives until May 2027 starts, counted from 23:59:59.999 Nov 30.
     expected = (datetime(2027, 5, 1, tzinfo=timezone.utc) - readings[0]).total_seconds()

@@ -122,7 +122,7 @@ def test_ids_round_trip_and_stay_inside_the_hash_tag(identifier: str, other: str
     encoded = encode_id(identifier)
     assert decode_id(encoded) == identifier
     assert not set(encoded) & set("{}: ")
-    key = KeySpace("ug", identifier).counter("emails", "2026-11")
+    key = KeySpace("ug", identifier).meters("2026-11")
     assert key.count("{") == key.count("}") == 1
     assert decode_id(key[key.index("{") + 1 : key.index("}")]) == identifier
     assert (encode_id(other) == encoded) == (other == identifier)

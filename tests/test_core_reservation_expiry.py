@@ -77,7 +77,7 @@ def test_every_script_call_on_the_org_refunds_what_has_expired(
     clock.advance(seconds=60)
     assert len(held(guard)) == 3  # nothing is swept until a call comes
     SWEEPING_CALLS[call](guard)
-    assert held(guard) == {f"c:ai_tokens:{clock():%Y-%m}": "100"}
+    assert held(guard) == {f"m:{clock():%Y-%m}:ai_tokens": "100"}
     assert still_open.open and open_entries(guard) == 1
     assert len(held(guard, "globex")) == 1  # another org's call sweeps its own only
 
@@ -211,24 +211,24 @@ def test_async_reservations_expire_too(guard: UsageGuard, clock: Any) -> None:
 def test_a_reservation_that_cannot_be_held_holds_nothing(guard: UsageGuard) -> None:
     space = KeySpace(guard.calls.prefix, "acme")
     near_the_top = str(2**63 - 1000)  # what open reservations of an unlimited meter hold
-    raw_client(guard).hset(space.held, "c:import_rows:2026-11", near_the_top)
+    raw_client(guard).hset(space.held, "m:2026-11:import_rows", near_the_top)
     with pytest.raises(Exception, match="overflow"):  # the tests re-raise unexpected errors
         guard.reserve("acme", {"ai_tokens": 900, "import_rows": 5000})
-    assert held(guard) == {"c:import_rows:2026-11": near_the_top}
+    assert held(guard) == {"m:2026-11:import_rows": near_the_top}
     assert open_entries(guard) == 0
     assert guard.consume("acme", "ai_tokens", 1000).allowed
 
 
 def test_usage_adds_held_estimates_exactly_past_two_to_the_53(guard: UsageGuard) -> None:
-    counter = KeySpace(guard.calls.prefix, "acme").counter("import_rows", "2026-11")
-    raw_client(guard).set(counter, str(2**53 + 1))
+    november = KeySpace(guard.calls.prefix, "acme").meters("2026-11")
+    raw_client(guard).hset(november, "import_rows", str(2**53 + 1))
     guard.reserve("acme", "import_rows", 1)
     assert guard.usage("acme").meters["import_rows"].used == 2**53 + 2
 
 
 def test_a_decision_past_two_to_the_63_reports_at_most_two_to_the_53(guard: UsageGuard) -> None:
-    counter = KeySpace(guard.calls.prefix, "acme").counter("import_rows", "2026-11")
-    raw_client(guard).set(counter, str(2**63 - 1000))
+    november = KeySpace(guard.calls.prefix, "acme").meters("2026-11")
+    raw_client(guard).hset(november, "import_rows", str(2**63 - 1000))
     decision = guard.reserve("acme", "import_rows", 2**53 - 1).decision
     assert decision.allowed and decision.used == 2**53 - 1
 

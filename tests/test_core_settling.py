@@ -27,9 +27,10 @@ PLANS = {"free": Plan("free", {"ai_tokens": 1_000})}
 
 
 def counter(server: RedisProcess) -> int:
+    """acme's ai_tokens of the one month its meters were written in."""
     with redis.Redis(port=server.port) as plain:
-        [key] = plain.keys("ug:{acme}:c:ai_tokens:*")
-        return int(plain.get(key) or 0)
+        [month] = plain.keys("ug:{acme}:m:*")
+        return int(plain.hget(month, "ai_tokens") or 0)
 
 
 @pytest.mark.parametrize("side", ["sync", "async"])
@@ -119,11 +120,8 @@ def test_a_settle_that_fails_for_a_bug_is_given_up_not_retried(
     guard = make_guard(plans=PLANS, default_plan="free")
     reservation = guard.reserve("acme", "ai_tokens", 100)
     plain = raw_client(guard)
-    key = KeySpace.of(guard.calls.prefix, "acme").counter(
-        "ai_tokens", reservation.ticket.period.key
-    )
-    plain.delete(key)
-    plain.hset(key, "operator", "typo")  # WRONGTYPE for the script
+    month = KeySpace.of(guard.calls.prefix, "acme").meters(reservation.ticket.period.key)
+    plain.hset(month, "ai_tokens", "typo")  # an operator's HSET: no integer for the script
     monkeypatch.setattr(failures_module.Failures, "reraise_unexpected", False)
     assert reservation.settle(1) is False
     assert (guard.settler.pending, guard.failures.unsettled) == (0, 1)

@@ -11,10 +11,17 @@ from typing import Any
 
 import pytest
 
+from conftest import raw_client
 from usage_guard import Plan, ThresholdEvent, UsageGuard
+from usage_guard.keys import KeySpace
 
 MakeGuard = Callable[..., UsageGuard]
-PLANS = {"free": Plan("free", {"emails": 10, "contacts": 10, "lead_captures": 7, "storage": 100})}
+PLANS = {
+    "free": Plan(
+        "free",
+        {"emails": 10, "contacts": 10, "lead_captures": 7, "storage": 100, "ai_tokens": 100},
+    )
+}
 
 
 @pytest.fixture
@@ -180,6 +187,32 @@ def test_a_cumulative_settle_in_a_later_month_belongs_to_that_month(
         ("emails", 80, "2026-12"),
         ("emails", 90, "2026-12"),
     ]
+
+
+def test_a_late_settle_counts_in_its_month_and_leaves_the_newer_months_record(
+    guard: UsageGuard, events: list[ThresholdEvent], clock: Any
+) -> None:
+    space, client = KeySpace(guard.calls.prefix, "acme"), raw_client(guard)
+    clock.set(2026, 11, 30, 23, 50)
+    guard.consume("acme", "ai_tokens", 70, user="alice")
+    reservation = guard.reserve("acme", "ai_tokens", 5, user="alice", ttl=3600)  # 75: no alert
+    clock.set(2026, 12, 1, 0, 10)
+    guard.consume("acme", "ai_tokens", 85, user="bob")  # December's 80 % is recorded
+    assert reservation.settle(25) is True  # November: 70 + 25
+    assert [(e.threshold, e.used, e.period) for e in events] == [
+        (80, 85, "2026-12"),
+        (80, 95, "2026-11"),
+        (90, 95, "2026-11"),
+    ]
+    # November's hash gets the count and no record: only the newest month's is read.
+    assert client.hgetall(space.meters("2026-11")) == {"ai_tokens": "95"}
+    assert client.hgetall(space.meters("2026-12")) == {"ai_tokens": "85", "t:ai_tokens": "80"}
+    # No personal count: December's are bob's alone (its first one dropped November's).
+    assert client.hgetall(space.personal("2026-12")) == {"bob:ai_tokens": "85"}
+    assert not client.exists(space.personal("2026-11"))
+    assert guard.usage("acme", user="alice").personal["ai_tokens"].used == 0
+    guard.consume("acme", "ai_tokens", 5, user="bob")  # 90: December's 80 % stays fired
+    assert [(e.threshold, e.used, e.period) for e in events][3:] == [(90, 90, "2026-12")]
 
 
 def test_thresholds_are_per_org(guard: UsageGuard, events: list[ThresholdEvent]) -> None:

@@ -276,7 +276,8 @@ def exercise(
     orgs = {c.op.partition("@")[2] for c in load.calls if lifetime(c, timeline) == final}
     period = Period.containing(utc_now()).key
     with observe() as client:
-        counters = {org: int(client.get(f"ug:{{{org}}}:c:emails:{period}") or 0) for org in orgs}
+        months = {org: f"ug:{{{org}}}:m:{period}" for org in orgs}
+        counters = {org: int(client.hget(month, "emails") or 0) for org, month in months.items()}
     records = [r for r in caplog.records if r.name.startswith(("usage_guard", "asyncio"))]
     return Run(
         fault_name, mode, load, timeline, errors_before, errors_after, records, counters, wall

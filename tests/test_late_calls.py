@@ -259,17 +259,15 @@ def charged(guard: UsageGuard, orgs: list[str]) -> dict[str, int]:
     """Each org's emails counter, read with a plain client once Redis has run every call."""
     client = raw_client(guard)
     period = guard.calls.time.now()[0]
-    counters = {
-        org: KeySpace.of(guard.calls.prefix, org).counter("emails", period.key) for org in orgs
-    }
+    months = {org: KeySpace.of(guard.calls.prefix, org).meters(period.key) for org in orgs}
 
     def settled() -> bool:  # what the paused server had queued has run
-        before = [client.get(key) for key in counters.values()]
+        before = [client.hget(month, "emails") for month in months.values()]
         time.sleep(0.3)
-        return [client.get(key) for key in counters.values()] == before
+        return [client.hget(month, "emails") for month in months.values()] == before
 
     wait_for(settled, what="Redis ran what it had queued")
-    return {org: int(client.get(key) or 0) for org, key in counters.items()}
+    return {org: int(client.hget(month, "emails") or 0) for org, month in months.items()}
 
 
 class Sent:
@@ -474,7 +472,7 @@ def assert_refused_free_and_served_once(guard: UsageGuard, process: RedisProcess
     plain = redis.Redis(port=process.port, decode_responses=True)
 
     def api_calls(org: str) -> int:
-        return int(plain.get(KeySpace.of("ug", org).counter("api_calls", period.key)) or 0)
+        return int(plain.hget(KeySpace.of("ug", org).meters(period.key), "api_calls") or 0)
 
     wait_for(lambda: api_calls("served") >= 4, timeout=3, what="the served requests counted")
     time.sleep(0.5)  # and a late call, if any, run

@@ -19,6 +19,7 @@ import redis
 from conftest import RedisProcess, self_signed
 from scripted import ScriptedServer
 from usage_guard import BackendMisconfigured, BackendUnavailable, InvalidUsage, Plan, UsageGuard
+from usage_guard.keys import KeySpace
 from usage_guard.multiplexed import MultiplexedScripts
 from usage_guard.periods import Period, utc_now
 from usage_guard.redispy import RedisScripts
@@ -259,7 +260,8 @@ def test_password_and_database_come_from_the_url(tmp_path: Path) -> None:
     try:
         assert both_sides(f"redis://:s3cret@127.0.0.1:{port}/3") == (1, 2)
         with redis.Redis(port=port, password="s3cret", db=3, decode_responses=True) as admin:
-            assert admin.get("ug:{acme}:c:emails:" + Period.containing(utc_now()).key) == "2"
+            month = KeySpace("ug", "acme").meters(Period.containing(utc_now()).key)
+            assert admin.hget(month, "emails") == "2"
         wrong = UsageGuard.from_url(f"redis://:nope@127.0.0.1:{port}/3", plans=PLANS)
         with pytest.raises(BackendUnavailable):
             wrong.usage("acme")

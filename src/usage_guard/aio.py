@@ -8,7 +8,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from .calls import Amounts, Call, Calls
+from .calls import PLAN_TRIES, STALE_PLAN, Amounts, Call, Calls
 from .catalog import Catalog
 from .decision import Decision
 from .errors import BackendUnavailable, CorruptedCounter
@@ -84,12 +84,16 @@ class AsyncUsageGuard:
         failures_before = self.runtime.failures.backend_errors
         sent = None
         try:
-            wait = self.runtime.admit(call, self.backend.timeout)
-            if self.runtime.observer is not None:  # the one check when none is
-                sent = time.perf_counter()
-            reply = await self.backend.aio().run(
-                call.script, call.keys, call.args, wait, call.deadline_arg
-            )
+            for tries_left in range(PLAN_TRIES - 1, -1, -1):
+                wait = self.runtime.admit(call, self.backend.timeout)
+                if self.runtime.observer is not None:  # the one check when none is
+                    sent = time.perf_counter()
+                reply = await self.backend.aio().run(
+                    call.script, call.keys, call.args, wait, call.deadline_arg
+                )
+                if call.planned_for is None or reply[0] != STALE_PLAN:
+                    break
+                call = self.calls.replanned(call, reply[1], tries_left)
         except Exception as error:  # what it means is for the error table to say
             return self.runtime.failed(call, error, sent)
         return self.runtime.completed(call, reply, failures_before, sent)

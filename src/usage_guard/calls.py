@@ -8,9 +8,10 @@ by the call's ``fallback``. Every rule that is not Lua lives here and there.
 from __future__ import annotations
 
 import math
+import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Generic, Literal, TypeVar
 
@@ -18,7 +19,8 @@ from .catalog import DEFAULT_CATALOG, Catalog, Metric
 from .clock import GuardClock
 from .decision import Decision
 from .errors import InvalidUsage
-from .keys import KeySpace, budget_field, encode_id
+from .faults import PlanChanging
+from .keys import KeySpace, encode_id, personal_field
 from .periods import Clock, Period, utc_now
 from .plans import UNLIMITED, Plan, Plans, admitted, check_limit, check_value
 from .replies import Events, Replies, nothing
@@ -49,14 +51,28 @@ class Call(Generic[T]):
     #: Where in ``args`` the client writes the moment it gives up on the call, by Redis's
     #: clock (see :mod:`usage_guard.servertime`); None: the call carries no deadline.
     deadline_arg: int | None = None
+    #: The org whose plan the call's limits are those of (consume.lua and adjust.lua):
+    #: a reply of :data:`STALE_PLAN` asks for :meth:`Calls.replanned`.
+    planned_for: str | None = None
 
 
 #: Single-metric consumptions prepared at once, per (org, metric, user); past it the
 #: cache starts afresh (a prepared call is rebuilt in microseconds).
 PREPARED_SIZE = 4096
-# Where a consume call's arguments hold the keys' TTL, the time, the moment its caller
-# gives up, what the caller is then told and the amount (see lua/_lib.lua).
-_TTL_ARG, _NOW_ARG, DEADLINE_ARG, _LATE_ARG, _AMOUNT_ARG = 1, 5, 7, 8, 10
+#: Orgs whose assigned plan a guard remembers (an org with none needs no entry); past it
+#: the oldest is forgotten, and its next call learns it again (one more round trip).
+KNOWN_PLANS = 65536
+#: What consume.lua and adjust.lua reply when the org's stored plan is not the one the
+#: call was built for: ``[STALE_PLAN, stored plan]`` (see lua/_lib.lua).
+STALE_PLAN = 4
+#: Tries of a call whose org's plan was not the one it was built for: another process
+#: assigned it, or this one has not learnt it yet (the second try is the common one).
+PLAN_TRIES = 3
+# Where the arguments of consume.lua and adjust.lua hold the keys' TTL, the plan, the
+# time, the moment its caller gives up, what the caller is then told, and the first
+# metric's name and amount (see lua/_lib.lua).
+_TTL_ARG, _PLAN_ARG, _NOW_ARG, DEADLINE_ARG, _LATE_ARG = 1, 2, 5, 7, 8
+_FIRST_METRIC_ARG, _AMOUNT_ARG = 9, 10
 #: What a consumption that runs after its caller gave up does (see lua/consume.lua).
 _LATE = {True: "count", False: "skip"}
 
@@ -67,9 +83,11 @@ def _counted(reply: Any) -> tuple[bool, Events]:
 
 @dataclass(slots=True)
 class _Prepared:
-    """A single-metric consumption built for one period: the call that each one copies."""
+    """A single-metric consumption built for one period and plan: the call that each one
+    copies."""
 
     period: Period
+    plan: str
     call: Call[Decision]
 
 
@@ -104,27 +122,70 @@ class Calls:
         self.replies = Replies(catalog, self.plans)
         self.unavailable = unavailable
         self._prepared: dict[tuple[str, str, str | None], _Prepared] = {}
-        self._default_plan = default_plan or ""
-        # Per metric, the spec the scripts read its cap, reset and every plan's limit from.
-        self._specs = {m.name: self._spec(m, history_months) for m in catalog}
+        # The plan each org is assigned, as stored: only orgs that have one.
+        self._assigned: dict[str, str] = {}
+        self._learning = threading.Lock()
+        # Per assigned plan ('' for none), per metric, the spec the scripts read the
+        # metric's cap, reset and limit from.
+        self._specs: dict[str, dict[str, str]] = {}
+        #: Calls sent again because the org's plan was not the one they were built for.
+        self.plan_refreshes = 0
 
     @property
     def clock(self) -> Clock:
         """The guard's clock (``clock=`` of ``from_url``; the real one by default)."""
         return self.time.clock
 
-    def _spec(self, metric: Metric, history_months: int) -> str:
-        """What the scripts need to know of a metric: see the header of ``lua/_lib.lua``."""
+    def _specs_of(self, assigned: str) -> dict[str, str]:
+        """Per metric, what the scripts need to know of it for an org assigned the plan
+        ``assigned`` ('' for none): see the header of ``lua/_lib.lua``."""
+        specs = self._specs.get(assigned)
+        if specs is None:
+            plan = self.plans.by_name.get(assigned) or self.plans.by_name.get(
+                self.plans.default or ""
+            )
+            specs = {m.name: self._spec(m, plan) for m in self.catalog}
+            if len(self._specs) >= KNOWN_PLANS:  # names of plans that are not configured
+                self._specs.clear()
+            self._specs[assigned] = specs
+        return specs
+
+    def _spec(self, metric: Metric, plan: Plan | None) -> str:
         percent = self.catalog.percent_admitted(metric)
-        spec = f"{1 if metric.monthly else 0}:{percent}:{history_months}\n"
-        for plan in self.plans.by_name.values():
-            limit = plan.limit(metric.name)
-            if limit is None:
-                spec += f"{plan.name}=-\n"
-            else:
-                first_threshold = -(-limit * 80 // 100)  # 80 %, rounded up as the scripts do
-                spec += f"{plan.name}={limit}:{admitted(limit, percent)}:{first_threshold}\n"
-        return spec
+        limit = None if plan is None else plan.limit(metric.name)
+        if limit is None:
+            return f"{1 if metric.monthly else 0}:{percent}:-"
+        first_threshold = -(-limit * 80 // 100)  # 80 %, rounded up as the scripts do
+        quota = admitted(limit, percent)
+        return f"{1 if metric.monthly else 0}:{percent}:{limit}:{quota}:{first_threshold}"
+
+    def learn_plan(self, org: str, stored: str) -> None:
+        """Remember the plan ``org`` is assigned as stored ('' for none)."""
+        with self._learning:
+            if not stored:
+                self._assigned.pop(org, None)
+                return
+            if org not in self._assigned and len(self._assigned) >= KNOWN_PLANS:
+                del self._assigned[next(iter(self._assigned))]
+            self._assigned[org] = stored
+        if stored not in self.plans.by_name:
+            self.replies.warn_plan(org, stored)
+
+    def replanned(self, call: Call[T], stored: str, tries_left: int) -> Call[T]:
+        """``call`` built again for the plan its org turned out to be assigned; raises
+        :class:`PlanChanging` when no try is left."""
+        org = call.planned_for
+        assert org is not None
+        self.learn_plan(org, stored)
+        if not tries_left:
+            raise PlanChanging(f"the plan of org {org!r} changed during each of its tries")
+        self.plan_refreshes += 1
+        args = call.args.copy()
+        args[_PLAN_ARG] = stored
+        specs = self._specs_of(stored)
+        for at in range(_FIRST_METRIC_ARG, len(args), 4):
+            args[at + 3] = specs[str(args[at])]
+        return replace(call, args=args)
 
     # -- requests -----------------------------------------------------------------------
 
@@ -139,7 +200,7 @@ class Calls:
 
     def _script_args(
         self,
-        space: KeySpace,
+        org: str,
         user: str | None,
         items: Sequence[tuple[Metric, int]],
         now: tuple[Period, int, int],
@@ -150,26 +211,26 @@ class Calls:
         counted: Period | None = None,
     ) -> tuple[list[str], list[str | int]]:
         """Keys and arguments of consume.lua or adjust.lua (see lua/_lib.lua): the change
-        happens ``now``; monthly counters are those of ``counted`` (default: now's)."""
+        happens ``now``; monthly counts are those of ``counted`` (default: now's)."""
+        space = KeySpace.of(self.prefix, org)
         period, ttl, now_ms = now
         user_id = "" if user is None else encode_id(user)
-        pkey = period.key
-        ckey = pkey if counted is None else counted.key
-        keys = [space.org, space.budgets, space.thresholds(pkey), space.reservations, space.held]
+        current, last = period.key, period.shift(-1).key
+        counted_key = current if counted is None else counted.key
+        keys = [
+            *(space.org, space.budgets, space.reservations, space.held),
+            *(space.meters(current), space.meters(last), space.meters(counted_key)),
+            *(space.personal(current), space.personal(last), *extra_keys),
+        ]
+        assigned = self._assigned.get(org, "")
+        specs = self._specs_of(assigned)
         args: list[str | int] = [
-            *(pkey, ttl, self._default_plan, mode, user_id, now_ms, mode_number),
+            *(current, ttl, assigned, mode, user_id, now_ms, mode_number),
             *(0, ""),  # no deadline (consumptions get theirs in _consume_call)
         ]
         for metric, amount in items:
             personal = metric.personal and user is not None
-            if metric.monthly:
-                counter = space.counter(metric.name, ckey)
-                other = space.personal(user_id, metric.name, ckey) if personal else counter
-                keys += (counter, other)
-            else:
-                keys += (space.gauge(metric.name), space.history(metric.name))
-            args += (metric.name, amount, 1 if personal else 0, self._specs[metric.name])
-        keys += extra_keys
+            args += (metric.name, amount, 1 if personal else 0, specs[metric.name])
         return keys, args
 
     def consume(
@@ -192,11 +253,11 @@ class Calls:
             return self._consume_one(org, metric, amount, user)
         items = self.amounts(metric, amount)
         now = self.time.now()
-        space = KeySpace.of(self.prefix, org)
         mode, extra = ("check" if check else "consume"), []
         if idempotency_key is not None and not check:
-            mode, extra = "idempotent", [space.idempotency(idempotency_key)]
-        keys, args = self._script_args(space, user, items, now, mode, extra_keys=extra)
+            mode = "idempotent"
+            extra = [KeySpace.of(self.prefix, org).idempotency(idempotency_key)]
+        keys, args = self._script_args(org, user, items, now, mode, extra_keys=extra)
         return self._consume_call(org, now[0], items, keys, args)
 
     def _consume_call(
@@ -220,17 +281,23 @@ class Calls:
             partial(self.replies.decision, org, period),
             fallback,
             deadline_arg=DEADLINE_ARG,
+            planned_for=org,
         )
 
     def _consume_one(self, org: str, metric: str, amount: int, user: str | None) -> Call[Decision]:
         """The common consumption, one metric by name: its keys, spec and reply readers are
-        built once per (org, metric, user) and month; a call sets only TTL and amount."""
+        built once per (org, metric, user), month and plan; a call sets only the TTLs, the
+        time and the amount."""
         prepared = self._prepared.get((org, metric, user))
         if prepared is None:
             self.catalog.require(metric)  # an unknown metric is named before a bad amount
         check_value(amount)
         period, ttl, now_ms = self.time.now()
-        if prepared is None or prepared.period is not period:
+        if (
+            prepared is None
+            or prepared.period is not period
+            or prepared.plan != self._assigned.get(org, "")
+        ):
             prepared = self._prepare(org, metric, user, period)
         template = prepared.call
         args = template.args.copy()
@@ -238,15 +305,21 @@ class Calls:
         args[_NOW_ARG] = now_ms
         args[_AMOUNT_ARG] = amount
         return Call(
-            "consume", template.keys, args, template.parse, template.fallback, True, DEADLINE_ARG
+            "consume",
+            template.keys,
+            args,
+            template.parse,
+            template.fallback,
+            True,
+            DEADLINE_ARG,
+            org,
         )
 
     def _prepare(self, org: str, metric: str, user: str | None, period: Period) -> _Prepared:
         items = [(self.catalog[metric], 0)]
-        keys, args = self._script_args(
-            KeySpace.of(self.prefix, org), user, items, (period, 0, 0), "consume"
-        )
-        prepared = _Prepared(period, self._consume_call(org, period, items, keys, args))
+        keys, args = self._script_args(org, user, items, (period, 0, 0), "consume")
+        plan = str(args[_PLAN_ARG])
+        prepared = _Prepared(period, plan, self._consume_call(org, period, items, keys, args))
         if len(self._prepared) >= PREPARED_SIZE:
             self._prepared.clear()
         self._prepared[org, metric, user] = prepared
@@ -264,7 +337,6 @@ class Calls:
         items = self.amounts(metric, amount)
         hold = self.reservation_ttl if ttl is None else check_reservation_ttl(ttl, "ttl")
         now = self.time.now()
-        space = KeySpace.of(self.prefix, org)
         ticket = Ticket(
             uuid.uuid4().hex,
             org,
@@ -274,12 +346,12 @@ class Calls:
             now[2] + math.ceil(hold * 1000),
         )
         keys, args = self._script_args(
-            space,
+            org,
             user,
             items,
             now,
             "reserve",
-            extra_keys=(space.reservation(ticket.id),),
+            extra_keys=(KeySpace.of(self.prefix, org).reservation(ticket.id),),
             mode_number=ticket.deadline,
         )
         return self._consume_call(org, now[0], items, keys, args), ticket
@@ -301,14 +373,13 @@ class Calls:
         ]
         now = self.time.now()
         counted = ticket.period
-        space = KeySpace.of(self.prefix, ticket.org)
         keys, args = self._script_args(
-            space,
+            ticket.org,
             ticket.user,
             items,
             now,
             mode,
-            extra_keys=(space.reservation(ticket.id), space.thresholds(counted.key)),
+            extra_keys=(KeySpace.of(self.prefix, ticket.org).reservation(ticket.id),),
             mode_number=self.time.ttl(counted),
             counted=counted,
         )
@@ -318,6 +389,7 @@ class Calls:
             args,
             lambda reply: self.replies.adjusted(ticket.org, now[0], counted, reply),
             bounded=False,
+            planned_for=ticket.org,
         )
 
     def adjust(
@@ -330,9 +402,13 @@ class Calls:
                     f"{m.name} resets monthly: only cumulative metrics can be released or set"
                 )
         now = self.time.now()
-        keys, args = self._script_args(KeySpace.of(self.prefix, org), None, items, now, mode)
+        keys, args = self._script_args(org, None, items, now, mode)
         return Call(
-            "adjust", keys, args, lambda reply: self.replies.adjusted(org, now[0], now[0], reply)
+            "adjust",
+            keys,
+            args,
+            lambda reply: self.replies.adjusted(org, now[0], now[0], reply),
+            planned_for=org,
         )
 
     def provisional(
@@ -350,14 +426,13 @@ class Calls:
         a consumption late on purpose (its deadline 1 ms after the epoch) under an
         idempotency key of its own, so a retry after a timeout counts nothing more."""
         items = self.amounts(amounts, 1)
-        space = KeySpace.of(self.prefix, org)
-        record = space.idempotency(f"owed:{uuid.uuid4().hex}")
+        record = KeySpace.of(self.prefix, org).idempotency(f"owed:{uuid.uuid4().hex}")
         keys, args = self._script_args(
-            space, user, items, self.time.now(), "idempotent", extra_keys=(record,)
+            org, user, items, self.time.now(), "idempotent", extra_keys=(record,)
         )
         args[DEADLINE_ARG], args[_LATE_ARG] = 1, _LATE[True]
         # The reply is {3} (counted late) or {2, ...} (counted by an earlier try).
-        return Call("consume", keys, args, _counted, bounded=False)
+        return Call("consume", keys, args, _counted, bounded=False, planned_for=org)
 
     def refund(
         self, org: str, amounts: Amounts, user: str | None, admitted: Decision
@@ -371,14 +446,14 @@ class Calls:
             if admitted.resets_at is None
             else Period.containing(admitted.resets_at).shift(-1)
         )
-        space = KeySpace.of(self.prefix, org)
-        keys, args = self._script_args(space, user, items, now, "release", counted=counted)
+        keys, args = self._script_args(org, user, items, now, "release", counted=counted)
         return Call(
             "adjust",
             keys,
             args,
             lambda reply: self.replies.adjusted(org, now[0], counted, reply),
             bounded=False,
+            planned_for=org,
         )
 
     # -- admin --------------------------------------------------------------------------
@@ -391,7 +466,13 @@ class Calls:
         if plan is not None:
             self.plans.get(plan)
         space = KeySpace.of(self.prefix, org)
-        return self._admin(space, space.org, "assign", plan or "")
+        call = self._admin(space, space.org, "assign", plan or "")
+        call.parse = partial(self._assigned_plan, org, plan or "")
+        return call
+
+    def _assigned_plan(self, org: str, plan: str, reply: Any) -> tuple[None, Events]:
+        self.learn_plan(org, plan)
+        return None, ()
 
     def set_limit(self, org: str, metric: str, limit: int | None) -> Call[None]:
         self.catalog.require(metric)
@@ -408,7 +489,7 @@ class Calls:
         if not self.catalog[metric].personal:
             raise InvalidUsage(f"{metric} takes no personal budgets")
         space = KeySpace.of(self.prefix, org)
-        name = budget_field(encode_id(user), metric)
+        name = personal_field(encode_id(user), metric)
         if check_limit(budget, "budget") is None:
             return self._admin(space, space.budgets, "unset", name)
         return self._admin(space, space.budgets, "set", name, str(budget))
@@ -417,27 +498,23 @@ class Calls:
 
     def usage(self, org: str, user: str | None = None) -> Call[Usage]:
         space = KeySpace.of(self.prefix, org)
-        user_id = None if user is None else encode_id(user)
         period, _, now_ms = self.time.now()
         window = period.window(self.history_months)
-        strings: list[str] = []
-        histories: list[str] = []
-        for m in self.catalog:
-            if m.monthly:
-                strings += (space.counter(m.name, p.key) for p in window)
-            else:
-                strings.append(space.gauge(m.name))
-                histories.append(space.history(m.name))
-        personal = list(self.catalog.personal()) if user_id is not None else []
-        strings += (space.personal(user_id or "", m.name, period.key) for m in personal)
-        budgets = [budget_field(user_id or "", m.name) for m in personal]
-        keys = [space.org, space.budgets, space.reservations, space.held, *strings, *histories]
+        fields = []
+        if user is not None:
+            user_id = encode_id(user)
+            fields = [(m, personal_field(user_id, m.name)) for m in self.catalog.personal()]
+        keys = [
+            *(space.org, space.budgets, space.reservations, space.held),
+            space.personal(period.key),
+            *(space.meters(p.key) for p in window),
+        ]
         return Call(
             "read",
             keys,
-            [now_ms, len(strings), *budgets],
+            [now_ms, *(field for _, field in fields)],
             lambda reply: (
-                self.replies.usage(org, user, period, window, personal, strings, reply),
+                self.replies.usage(org, user, period, window, fields, keys, reply),
                 (),
             ),
         )

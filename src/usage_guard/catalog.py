@@ -47,6 +47,10 @@ class Metric:
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "_-." for c in self.name):
             raise InvalidUsage(f"metric name {self.name!r}: use letters, digits and _ - .")
+        if self.name == "plan":  # an org's hash holds its plan and cumulative meters
+            raise InvalidUsage(
+                "metric name 'plan' is reserved: an org's hash stores its plan there"
+            )
         if self.resets not in ("monthly", "never"):
             raise InvalidUsage(f"metric {self.name}: resets must be 'monthly' or 'never'")
         if self.cap not in ("hard", "soft"):

@@ -22,7 +22,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 from .catalog import DEFAULT_CATALOG
@@ -144,29 +144,82 @@ def _keys(args: argparse.Namespace, out: TextIO) -> None:
     else:
         raise CliError(f"--period must be YYYY-MM (a month, e.g. 2026-11), not {args.period!r}")
     catalog = DEFAULT_CATALOG
-    rows = [(space.org, "hash", "plan, limit:<metric> overrides, reservations:due")]
-    rows.append((space.budgets, "hash", "<user>:<metric> -> personal budget"))
-    for metric in catalog:
-        if metric.monthly:
-            rows.append((space.counter(metric.name, period.key), "string", metric.label))
-        else:
-            rows.append((space.gauge(metric.name), "string", f"{metric.label} (current)"))
-            rows.append((space.history(metric.name), "hash", "<YYYY-MM> -> last value"))
-    if user is not None:
-        for metric in catalog.personal():
-            rows.append(
-                (space.personal(user, metric.name, period.key), "string", f"{args.user}'s usage")
-            )
-    rows.append((space.thresholds(period.key), "hash", "<metric> -> highest threshold emitted"))
-    rows.append((space.base + "idem:*", "string", "idempotent consumptions (24 h)"))
-    rows.append((space.reservations, "zset", "open reservations by deadline (ms)"))
-    rows.append((space.held, "hash", "<counter> -> estimates open reservations hold"))
-    rows.append((space.base + "r:*", "string", "reservations not yet settled or cancelled"))
-    rows.append((space.base + "rl:*", "list", "rate limit windows: request times (ms)"))
-    width = max(len(key) for key, _, _ in rows)
-    for key, kind, what in rows:
-        out.write(f"{key:<{width}}  {kind:<6}  {what}\n")
-    out.write(f"\n# redis-cli --scan --pattern '{space.base}*'\n")
+    monthly = [m.name for m in catalog if m.monthly]
+    cumulative = [m.name for m in catalog if not m.monthly]
+    personal = [f"{user or '<user>'}:{m.name}" for m in catalog.personal()]
+    # The guard's default history_months (6): the month leaves the history then.
+    window = f"at {period.shift(6).key}-01T00:00Z"
+    rows = [
+        _key_row(
+            space.org,
+            "hash",
+            "plan, limit overrides, current cumulative values",
+            "never",
+            ["plan", *(f"limit:{m.name}" for m in catalog), "reservations:due", *cumulative],
+        ),
+        _key_row(space.budgets, "hash", "personal budgets", "never", personal),
+        _key_row(
+            space.meters(period.key),
+            "hash",
+            "the month's meters: monthly counts, cumulative last values, thresholds",
+            window,
+            [
+                *monthly,
+                *cumulative,
+                *(f"t:{m}" for m in monthly + cumulative),
+                *(f"s:{m}" for m in cumulative),
+            ],
+        ),
+        _key_row(
+            space.personal(period.key),
+            "hash",
+            "personal counts of the month" + (f": {', '.join(personal)}" if user else ""),
+            "dropped by the next month's first personal count, else " + window,
+            personal,
+        ),
+        _key_row(space.base + "idem:*", "string", "idempotent consumptions", "24 h", []),
+        _key_row(
+            space.reservations,
+            "zset",
+            "open reservations by deadline (ms)",
+            "after the last deadline",
+            [],
+        ),
+        _key_row(
+            space.held,
+            "hash",
+            "estimates open reservations hold, per counter",
+            "with the reservations",
+            ["m:<YYYY-MM>:<metric>", "u:<YYYY-MM>:<user>:<metric>", "org:<metric>"],
+        ),
+        _key_row(
+            space.base + "r:*",
+            "string",
+            "reservations not yet settled or cancelled",
+            "after their deadline",
+            [],
+        ),
+        _key_row(
+            space.base + "rl:*",
+            "list",
+            "rate limit windows: request times (ms)",
+            "after the window",
+            [],
+        ),
+    ]
+    if args.json:
+        out.write(json.dumps({"org": args.org, "period": period.key, "keys": rows}, indent=2))
+        out.write("\n")
+        return
+    width = max(len(row["key"]) for row in rows)
+    for row in rows:
+        out.write(f"{row['key']:<{width}}  {row['type']:<6}  {row['holds']}\n")
+    out.write(f"\n# redis-cli HGETALL '{space.meters(period.key)}'\n")
+    out.write(f"# redis-cli --scan --pattern '{space.base}*'\n")
+
+
+def _key_row(key: str, kind: str, holds: str, expires: str, fields: list[str]) -> dict[str, Any]:
+    return {"key": key, "type": kind, "holds": holds, "expires": expires, "fields": fields}
 
 
 def _count(text: str, what: str, *, none_words: tuple[str, ...]) -> int | None:
@@ -266,6 +319,9 @@ def parser() -> argparse.ArgumentParser:
     keys.add_argument("--user", help="also list this user's personal counters")
     keys.add_argument("--period", help="YYYY-MM (default: the current month, UTC)")
     keys.add_argument("--prefix", default="ug", help="key prefix (default: ug)")
+    keys.add_argument(
+        "--json", action="store_true", help="the keys, their fields and expiry as JSON"
+    )
 
     assign = commands.add_parser("assign-plan", parents=[storage], help="put an org on a plan")
     assign.add_argument("org")

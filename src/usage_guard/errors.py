@@ -51,12 +51,15 @@ class BackendMisconfigured(BackendUnavailable):
 
 
 class CorruptedCounter(UsageGuardError):
-    """A counter holds no integer (an operator's ``SET`` typo in redis-cli, a key of
-    another type): nothing was counted. ``key`` names it; fix or delete it."""
+    """A counter holds no integer (an operator's ``HSET`` typo in redis-cli, a key of
+    another type): nothing was counted. ``key`` and ``field`` (None: the whole key is
+    of another type) name it; fix or delete it."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, field: str | None = None) -> None:
         self.key = key
-        super().__init__(f"{key} holds no integer counter: nothing was counted")
+        self.field = field
+        where = key if field is None else f"{key} field {field}"
+        super().__init__(f"{where} holds no integer counter: nothing was counted")
 
 
 class UsageLimitExceeded(UsageGuardError):

@@ -41,6 +41,11 @@ class LateReply(redis_errors.TimeoutError):
     policy answers instead of deciding (see :mod:`usage_guard.servertime`)."""
 
 
+class PlanChanging(redis_errors.TimeoutError):
+    """An org's plan changed during each try of a call (see ``PLAN_TRIES``): the script
+    changed nothing, and the outage policy answers."""
+
+
 class Fault(enum.Enum):
     OUTAGE = "outage"
     MISCONFIGURED = "misconfigured"

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, overload
 
-from .calls import Amounts, Call, Calls
+from .calls import PLAN_TRIES, STALE_PLAN, Amounts, Call, Calls
 from .catalog import DEFAULT_CATALOG, Catalog
 from .decision import Decision
 from .errors import BackendUnavailable, CorruptedCounter, InvalidUsage
@@ -140,7 +140,7 @@ class UsageGuard:
         """A snapshot of what went wrong with Redis so far: errors (by exception class
         too), settles given up, threshold events dropped, each node's breaker, the
         queues. Shared with ``guard.aio``."""
-        return self.runtime.stats(self.settler.pending)
+        return self.runtime.stats(self.settler.pending, self.calls.plan_refreshes)
 
     def observe(self, observer: ObserverT) -> ObserverT:
         """Install an :class:`~usage_guard.Observer` (for both twins): it hears every
@@ -156,12 +156,16 @@ class UsageGuard:
         failures_before = self.runtime.failures.backend_errors
         sent = None
         try:
-            wait = self.runtime.admit(call, self.backend.timeout)
-            if self.runtime.observer is not None:  # the one check when none is
-                sent = time.perf_counter()
-            reply = self.backend.sync().run(
-                call.script, call.keys, call.args, wait, call.deadline_arg
-            )
+            for tries_left in range(PLAN_TRIES - 1, -1, -1):
+                wait = self.runtime.admit(call, self.backend.timeout)
+                if self.runtime.observer is not None:  # the one check when none is
+                    sent = time.perf_counter()
+                reply = self.backend.sync().run(
+                    call.script, call.keys, call.args, wait, call.deadline_arg
+                )
+                if call.planned_for is None or reply[0] != STALE_PLAN:
+                    break
+                call = self.calls.replanned(call, reply[1], tries_left)
         except Exception as error:  # what it means is for the error table to say
             return self.runtime.failed(call, error, sent, record=record)
         return self.runtime.completed(call, reply, failures_before, sent)

@@ -1,25 +1,30 @@
 """The Redis key layout and how ids are encoded into it. Pure.
 
-Every key of one organization carries the hash tag ``{<org>}``, so one script
-call reads and writes them atomically, on Redis Cluster too::
+Every key of one organization carries the hash tag ``{<org>}``, so one script call
+reads and writes them atomically, on Redis Cluster too. An org's meters live in few
+small hashes whose fields are the catalog's metric names::
 
-    ug:{acme}:org                          hash  plan, limit:<metric> overrides
-    ug:{acme}:budgets                      hash  <user>:<metric> -> allocation
-    ug:{acme}:c:<metric>:<YYYY-MM>         org counter of a monthly metric
-    ug:{acme}:u:<user>:<metric>:<YYYY-MM>  personal counter of a monthly metric
-    ug:{acme}:g:<metric>                   current value of a cumulative metric
-    ug:{acme}:h:<metric>                   hash <YYYY-MM> -> last value of a cumulative metric
-    ug:{acme}:t:<YYYY-MM>                  hash <metric> -> highest threshold event emitted
-    ug:{acme}:idem:<key>                   an admitted idempotent consumption (24 h)
-    ug:{acme}:reservations                 sorted set  open reservations by deadline (ms)
-    ug:{acme}:held                         hash  <counter key without ug:{acme}:> -> estimates
-                                                 held by open reservations
-    ug:{acme}:r:<id>                       a reservation, until settled or cancelled
-    ug:{acme}:rl:<metric>:<window>s        list  request times (ms) in a rate limit's window
+    ug:{acme}:org              hash  plan, limit:<metric> overrides, reservations:due,
+                                     <metric> -> current value of a cumulative metric
+    ug:{acme}:budgets          hash  <user>:<metric> -> personal budget
+    ug:{acme}:m:<YYYY-MM>      hash  <metric> -> the month's count of a monthly metric,
+                                     or a cumulative metric's last value that month;
+                                     t:<metric> -> highest threshold emitted (current
+                                     month); s:<metric> -> the value a cumulative metric
+                                     started the month with, after a month without one
+    ug:{acme}:u:<YYYY-MM>      hash  <user>:<metric> -> personal count (current month)
+    ug:{acme}:idem:<key>       string  an admitted idempotent consumption (24 h)
+    ug:{acme}:reservations     sorted set  open reservations by deadline (ms)
+    ug:{acme}:held             hash  <counter> -> estimates held by open reservations
+                                     (a counter: m:<YYYY-MM>:<metric>,
+                                     u:<YYYY-MM>:<user>:<metric> or org:<metric>)
+    ug:{acme}:r:<id>           string  a reservation, until settled or cancelled
+    ug:{acme}:rl:<metric>:<window>s  list  request times (ms) in a rate limit's window
 
-Ids made of ASCII letters, digits and ``_ . - @`` appear unchanged; every
-other byte of their UTF-8 form is percent-encoded (``%7B`` for ``{``), so no id
-can break a hash tag or run into another id's keys.
+Month hashes expire once they leave the history window; the org's hash and its
+budgets never expire. Ids made of ASCII letters, digits and ``_ . - @`` appear
+unchanged; every other byte of their UTF-8 form is percent-encoded (``%7B`` for
+``{``), so no id can break a hash tag or run into another id's keys.
 """
 
 from __future__ import annotations
@@ -82,20 +87,13 @@ class KeySpace:
             encode_id(org)  # raises InvalidIdentifier, where the cache would raise TypeError
         return _cached_space(prefix, org)
 
-    def counter(self, metric: str, period: str) -> str:
-        return f"{self.base}c:{metric}:{period}"
+    def meters(self, period: str) -> str:
+        """The hash of the org's meters in a month."""
+        return f"{self.base}m:{period}"
 
-    def personal(self, user_id: str, metric: str, period: str) -> str:
-        return f"{self.base}u:{user_id}:{metric}:{period}"
-
-    def gauge(self, metric: str) -> str:
-        return f"{self.base}g:{metric}"
-
-    def history(self, metric: str) -> str:
-        return f"{self.base}h:{metric}"
-
-    def thresholds(self, period: str) -> str:
-        return f"{self.base}t:{period}"
+    def personal(self, period: str) -> str:
+        """The hash of a month's personal counts."""
+        return f"{self.base}u:{period}"
 
     def idempotency(self, key: str) -> str:
         return f"{self.base}idem:{encode_id(key)}"
@@ -110,5 +108,6 @@ class KeySpace:
 _cached_space = lru_cache(maxsize=65536)(KeySpace)
 
 
-def budget_field(user_id: str, metric: str) -> str:
+def personal_field(user_id: str, metric: str) -> str:
+    """A user's field in the budgets hash and in the personal counts' hashes."""
     return f"{user_id}:{metric}"

@@ -101,6 +101,10 @@ class Stats:
     events_pending: int
     #: Times an observer raised (logged, never raised).
     observer_errors: int
+    #: Calls sent a second time because the org's plan was not the one this process
+    #: knew: assigned by another process, or an org it had not met (or forgotten: it
+    #: remembers 65,536 orgs' plans).
+    plan_refreshes: int = 0
 
 
 class Observers(Observer):

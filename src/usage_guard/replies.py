@@ -15,6 +15,8 @@ from .plans import Plans, admitted
 from .usage import MeterUsage, PersonalUsage, Usage
 
 Events = tuple[ThresholdEvent, ...]
+#: A scope as an idempotency record stores it: by its initial (see lua/consume.lua).
+_SCOPES: dict[str, Scope] = {"o": "organization", "p": "personal"}
 
 
 class Replies:
@@ -34,7 +36,7 @@ class Replies:
             replayed = self._make_decision(
                 True,
                 name,
-                scope,
+                _SCOPES[scope],
                 int(used),
                 int(limit),
                 int(quota),
@@ -45,15 +47,13 @@ class Replies:
             return replayed, ()
         if reply[0] == 3:  # it ran after its deadline: the caller gets the policy's answer
             raise LateReply("Redis ran the call after its caller's deadline")
-        if reply[6]:
-            self._warn_plan(org, reply[6])
         decision = self._make_decision(
-            reply[0] == 1, reply[1], reply[2], reply[3], reply[4], reply[5], period, reply[7]
+            reply[0] == 1, reply[1], reply[2], reply[3], reply[4], reply[5], period, reply[6]
         )
-        if len(reply) == 8:  # a personal budget's denial: no other metrics, no events
+        if len(reply) == 7:  # a personal budget's denial: no other metrics, no events
             return decision, ()
-        if reply[8]:
-            others = reply[8]
+        if reply[7]:
+            others = reply[7]
             decision = replace(
                 decision,
                 others=tuple(
@@ -70,9 +70,9 @@ class Replies:
                     for i in range(0, len(others), 6)
                 ),
             )
-        if len(reply) == 9:  # the common case: no threshold reached
+        if len(reply) == 8:  # the common case: no threshold reached
             return decision, ()
-        return decision, self._events(org, period, period, reply, 9)
+        return decision, self._events(org, period, period, reply, 8)
 
     def _make_decision(
         self,
@@ -124,7 +124,8 @@ class Replies:
             for i in range(start, len(reply), 4)
         )
 
-    def _warn_plan(self, org: str, plan: str) -> None:
+    def warn_plan(self, org: str, plan: str) -> None:
+        """Log, once per org, that its assigned plan is not configured."""
         if (org, plan) not in self._warned_plans:
             self._warned_plans.add((org, plan))
             self.plans.effective(org, plan)
@@ -135,15 +136,25 @@ class Replies:
         user: str | None,
         period: Period,
         window: tuple[Period, ...],
-        personal: list[Metric],
-        counters: list[str],
+        fields: list[tuple[Metric, str]],
+        keys: Sequence[str],
         reply: Any,
     ) -> Usage:
+        """An org's usage from read.lua's reply to ``keys`` (see Calls.usage), with
+        ``fields``: each personal metric and its field. What open reservations hold
+        counts too, found in 'held' under each counter's name (see lua/_reservations.lua)."""
+        org_key, personal_key, month_keys = keys[0], keys[4], keys[5:]
+        base = len(org_key) - len("org")
+
+        def count(key: str, field: str, value: str | None) -> int:
+            try:
+                return int(value or 0) + held.get(f"{key[base:]}:{field}", 0)
+            except ValueError:
+                raise CorruptedCounter(key, field) from None
+
+        held = {name: int(value) for name, value in _pairs(reply[4]).items()}
         org_hash = _pairs(reply[0])
-        counts = _counts(counters, reply[2])
-        for i, held in enumerate(reply[4]):  # estimates of open reservations count too
-            counts[i] += int(held or 0)
-        budgets, values, histories = reply[1], iter(counts), iter(reply[3])
+        months = [_pairs(month) for month in reply[3]]
         plan = self.plans.effective(org, org_hash.get("plan"))
         overrides = {
             name[6:]: value for name, value in org_hash.items() if name.startswith("limit:")
@@ -151,16 +162,33 @@ class Replies:
         meters: dict[str, MeterUsage] = {}
         for m in self.catalog:
             if m.monthly:
-                history = tuple(next(values) for _ in window)
+                history = tuple(
+                    count(key, m.name, month.get(m.name))
+                    for key, month in zip(month_keys, months, strict=True)
+                )
             else:
-                current = next(values)
-                history = _carried_forward(_pairs(next(histories)), window, current)
+                recorded = [
+                    None if m.name not in month else count(key, m.name, month[m.name])
+                    for key, month in zip(month_keys, months, strict=True)
+                ]
+                started = next(
+                    (
+                        _started(key, m.name, month)
+                        for key, month, value in zip(month_keys, months, recorded, strict=True)
+                        if value is not None
+                    ),
+                    None,
+                )
+                current = count(org_key, m.name, org_hash.get(m.name))
+                history = _carried(recorded, started, current)
             limit = self.plans.resolve(plan, overrides, m.name)
             quota = None if limit is None else admitted(limit, self.catalog.percent_admitted(m))
             meters[m.name] = MeterUsage(m.name, history[-1], limit, quota, history)
         mine = {
-            m.name: PersonalUsage(m.name, next(values), None if budget is None else int(budget))
-            for m, budget in zip(personal, budgets, strict=True)
+            m.name: PersonalUsage(
+                m.name, count(personal_key, field, value), None if budget is None else int(budget)
+            )
+            for (m, field), budget, value in zip(fields, reply[1], reply[2], strict=True)
         }
         return Usage(org, user, None if plan is None else plan.name, period, window, meters, mine)
 
@@ -169,28 +197,30 @@ def nothing(reply: Any) -> tuple[None, Events]:
     return None, ()
 
 
-def _counts(keys: Sequence[str], values: Sequence[str | None]) -> list[int]:
-    """The counters read, as ints (absent: 0); one that holds no integer is named."""
-    counts = []
-    for key, value in zip(keys, values, strict=True):
-        try:
-            counts.append(int(value or 0))
-        except ValueError:
-            raise CorruptedCounter(key) from None
-    return counts
-
-
 def _pairs(flat: Sequence[str]) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
-def _carried_forward(
-    recorded: Mapping[str, str], window: tuple[Period, ...], current: int
-) -> tuple[int, ...]:
-    """Each period's last value: the newest one recorded at or before it, 0 before any."""
-    known = sorted((Period.parse(k), int(v)) for k, v in recorded.items())
+def _started(key: str, metric: str, month: Mapping[str, str]) -> int:
+    """The value a cumulative metric started a month with (0 unless recorded)."""
+    try:
+        return int(month.get(f"s:{metric}", 0))
+    except ValueError:
+        raise CorruptedCounter(key, f"s:{metric}") from None
+
+
+def _carried(recorded: Sequence[int | None], started: int | None, current: int) -> tuple[int, ...]:
+    """A cumulative meter's value in each month of the window, from the last value each
+    month recorded (None: no change that month), the value the first month with one
+    started from (None: no month has one) and its value now (the last month's).
+
+    A month without a value of its own has the one before it; months before the first
+    one have the value it started from (see remember() in lua/_lib.lua). With none
+    recorded, the value has not changed during the window.
+    """
+    last = current if started is None else started
     values = []
-    for period in window[:-1]:
-        earlier = [value for at, value in known if at <= period]
-        values.append(earlier[-1] if earlier else 0)
+    for value in recorded[:-1]:
+        last = last if value is None else value
+        values.append(last)
     return (*values, current)

@@ -16,7 +16,15 @@ from .context import current_budget
 from .decision import Decision
 from .errors import BackendMisconfigured, BackendUnavailable, CorruptedCounter, InvalidUsage
 from .failures import Failures
-from .faults import DATA_REPLY, BudgetSpent, CircuitOpen, Fault, LateReply, classify
+from .faults import (
+    DATA_REPLY,
+    BudgetSpent,
+    CircuitOpen,
+    Fault,
+    LateReply,
+    PlanChanging,
+    classify,
+)
 from .listeners import Dispatcher, Listener
 from .observe import BreakerState, Observer, Observers, Stats
 from .periods import Period
@@ -130,7 +138,7 @@ class Runtime:
         observers.add(observer, self._breaker_states())
         self.observer = observers
 
-    def stats(self, settles_pending: int = 0) -> Stats:
+    def stats(self, settles_pending: int = 0, plan_refreshes: int = 0) -> Stats:
         """A snapshot of the failures, breakers and queues (see :class:`Stats`)."""
         failures = self.failures
         return Stats(
@@ -144,6 +152,7 @@ class Runtime:
             settles_pending=settles_pending,
             events_pending=self.events.pending,
             observer_errors=0 if self.observer is None else self.observer.errors,
+            plan_refreshes=plan_refreshes,
         )
 
     def _breaker_states(self) -> dict[str, BreakerState]:
@@ -233,7 +242,7 @@ class Runtime:
         ``sent``: as for :meth:`completed` (None too when the call was not sent)."""
         fault = classify(error)
         if self.breaker is not None and not isinstance(error, (CircuitOpen, BudgetSpent)):
-            if fault is Fault.OUTAGE and not isinstance(error, LateReply):
+            if fault is Fault.OUTAGE and not isinstance(error, (LateReply, PlanChanging)):
                 self.breaker.failed()
             else:
                 self.breaker.answered()  # the node answered (late too), or the fault is not its
@@ -241,8 +250,9 @@ class Runtime:
         if observer is not None:
             observer.failed(call.script, sent, error, fault)
         if fault is Fault.DATA:
-            key = str(error).removeprefix(DATA_REPLY).partition(" holds no integer")[0]
-            raise CorruptedCounter(key) from None
+            where = str(error).removeprefix(DATA_REPLY).partition(" holds no integer")[0]
+            key, _, field = where.partition(" ")
+            raise CorruptedCounter(key, field or None) from None
         if record:
             fault = self.failures.record(error)
         if call.fallback is None:

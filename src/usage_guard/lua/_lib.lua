@@ -1,39 +1,54 @@
 -- Shared by consume.lua and adjust.lua (prepended when the scripts are loaded, after
 -- _reservations.lua).
 --
+-- The meters of an org live in few hashes (see keys.py): a monthly metric's count in
+-- the hash of its month (field: the metric's name), a cumulative metric's current value
+-- in the org's hash and its last value of each month in that month's hash, the highest
+-- threshold a meter reached in a month in that month's hash too (field t:<metric>), and
+-- personal counts of the current month in a hash of their own (field: <user>:<metric>).
+--
 -- Common arguments:
---   KEYS[1] org hash, KEYS[2] budgets hash, KEYS[3] thresholds hash of the period,
---   KEYS[4] open reservations, KEYS[5] held estimates (see _reservations.lua), then two
---   keys per metric (monthly: org counter, personal counter or the counter again;
---   cumulative: gauge, history hash), then the script's extra keys.
---   ARGV[1] period of the change (YYYY-MM), ARGV[2] TTL of that period's keys (s),
---   ARGV[3] the default plan ('' for none), ARGV[4] mode, ARGV[5] user id ('' for none),
---   ARGV[6] now (ms, by the guard's clock), ARGV[7] the mode's own number ('reserve':
---   the reservation's deadline, ms; 'settle' / 'cancel': the TTL of the keys of the
---   period the reservation was counted in; else 0), ARGV[8] the moment its caller gives
---   up on a consumption (ms, by Redis's clock; 0: never), ARGV[9] what that caller was
---   then told ('count': served, 'skip': refused; see consume.lua), then four per metric: name,
---   amount, personal (1/0: counted for USER) and its spec,
---   "<monthly 1/0>:<percent of the limit admitted>:<months of history kept>\n"
---   followed by "<plan>=<limit>:<quota>:<80 % threshold>\n" for every configured plan
---   ("<plan>=-\n" = unlimited): the client computes what a plan's limit implies once,
---   so a call only scales a limit that an org overrides.
+--   KEYS[1] org hash, KEYS[2] budgets hash, KEYS[3] open reservations, KEYS[4] held
+--   estimates (see _reservations.lua), KEYS[5] meters of the current month, KEYS[6]
+--   meters of the month before, KEYS[7] meters of the month monthly metrics are counted
+--   in (KEYS[5] but when a reservation or a refund belongs to an earlier month), KEYS[8]
+--   personal counts of the current month, KEYS[9] those of the month before, then the
+--   script's extra keys.
+--   ARGV[1] current period (YYYY-MM), ARGV[2] TTL of its keys (s), ARGV[3] the org's
+--   plan as the client believes it is stored ('' for none), ARGV[4] mode, ARGV[5] user
+--   id ('' for none), ARGV[6] now (ms, by the guard's clock), ARGV[7] the mode's own
+--   number ('reserve': the reservation's deadline, ms; 'settle' / 'cancel': the TTL of
+--   the keys of the month the reservation was counted in; else 0), ARGV[8] the moment
+--   its caller gives up on a consumption (ms, by Redis's clock; 0: never), ARGV[9] what
+--   that caller was then told ('count': served, 'skip': refused; see consume.lua), then
+--   four per metric: name, amount, personal (1/0: counted for USER) and its spec,
+--   "<monthly 1/0>:<percent of the limit admitted>:<limit>:<quota>:<80 % threshold>" of
+--   the plan the client believes the org is on ("...:-" when it leaves the metric
+--   unlimited): the client computes what a limit implies once, so a call only scales a
+--   limit that an org overrides, and its cost does not grow with the number of plans.
 --   Few arguments on purpose: clients pack every one of them on every call.
+-- When the org's stored plan is not ARGV[3] (it was assigned by another process), a
+-- script changes nothing and replies {4, stored plan ('' for none)}: the client learns
+-- the plan and calls again.
 -- Settling or cancelling a reservation made in an earlier month leaves its monthly
--- counters (and their thresholds: KEYS[EXTRA_KEY + 1]) in that month; cumulative
--- meters change now, so their history and thresholds belong to the current period.
+-- counts in that month and no personal count (only the current month's is ever read);
+-- cumulative meters change now, so their history and thresholds belong to the current
+-- period.
 -- Lua numbers are doubles: every value stays within 0..2^53-1 (MAX), and
 -- limits are scaled from their decimal strings so the arithmetic stays exact.
 
 local MAX = 9007199254740991
 local PERIOD = ARGV[1]
 local TTL = tonumber(ARGV[2])
-local DEFAULT_PLAN = ARGV[3]
 local MODE = ARGV[4]
 local USER = ARGV[5]
-local RESERVATIONS, HELD = KEYS[4], KEYS[5]
-local NMETRICS = (#ARGV - 9) / 4
-local EXTRA_KEY = 6 + 2 * NMETRICS
+local RESERVATIONS, HELD = KEYS[3], KEYS[4]
+local METERS, LAST_METERS, COUNTED = KEYS[5], KEYS[6], KEYS[7]
+local OWN, LAST_OWN = KEYS[8], KEYS[9]
+local FIRST_METRIC = 10
+local NMETRICS = (#ARGV - FIRST_METRIC + 1) / 4
+local EXTRA_KEY = 10
+local STALE_PLAN = 4
 -- 'i': the extra key remembers an idempotent consumption; 'r': it is a reservation.
 local FLAGS = ''
 if MODE == 'idempotent' then
@@ -60,45 +75,38 @@ local function scaled(limit, percent, round_up)
   return value
 end
 
--- Where a plan's entry starts in a metric's spec (after "\n<plan>="), nil when the plan
--- is not configured.
-local function plan_at(spec, plan)
-  local at = string.find(spec, '\n' .. plan .. '=', 1, true)
-  return at and at + #plan + 2
-end
-
 -- The metrics of the call, with their org limit resolved: override, else plan, else none.
--- Returns the metrics, the name of an assigned plan that is not configured ('' if none)
--- and the org's earliest reservation deadline (see _reservations.lua).
+-- Returns the metrics and the org's earliest reservation deadline (see
+-- _reservations.lua), or nil and the stored plan when it is not the one the client sent.
 local function load_metrics()
   local fields = {'plan', DUE}
   for i = 1, NMETRICS do
-    fields[i + 2] = 'limit:' .. ARGV[6 + 4 * i]
+    fields[i + 2] = 'limit:' .. ARGV[FIRST_METRIC + 4 * i - 4]
   end
   local stored = redis.call('HMGET', KEYS[1], unpack(fields))
-  local plan, unknown_plan = DEFAULT_PLAN, ''
-  if stored[1] and stored[1] ~= DEFAULT_PLAN then
-    if plan_at(ARGV[13], stored[1]) then
-      plan = stored[1]
-    else
-      unknown_plan = stored[1]
-    end
+  if (stored[1] or '') ~= ARGV[3] then
+    return nil, stored[1] or ''
   end
   local metrics = {}
   for i = 1, NMETRICS do
-    local at = 6 + 4 * i
+    local at = FIRST_METRIC + 4 * i - 4
+    local name = ARGV[at]
     local spec = ARGV[at + 3]
+    local monthly = string.byte(spec) == 49
     -- limit false: unlimited; quota: the most admitted; alert: the first threshold (80 %).
+    -- hash, field: the meter's counter; own_hash, own_field: its personal counter.
     local m = {
-      name = ARGV[at], amount = tonumber(ARGV[at + 1]), personal = ARGV[at + 2] == '1',
-      monthly = string.byte(spec) == 49, key = KEYS[4 + 2 * i], other = KEYS[5 + 2 * i],
+      name = name, amount = tonumber(ARGV[at + 1]), monthly = monthly,
+      personal = ARGV[at + 2] == '1' and COUNTED == METERS,
+      hash = monthly and COUNTED or KEYS[1], field = name,
+      own_hash = OWN, own_field = USER .. ':' .. name,
       limit = false, limit_text = false, quota = MAX, alert = MAX,
       held = 0, held_own = 0,
     }
-    -- ttl, thresholds: those of the period the metric's counters belong to (the call's
-    -- own when nil, as on every consume).
-    if m.monthly and (MODE == 'settle' or MODE == 'cancel') then
-      m.ttl, m.thresholds = tonumber(ARGV[7]), KEYS[EXTRA_KEY + 1]
+    -- earlier: counted in an earlier month, whose keys' TTL is ttl (the call's own when
+    -- nil, as on every consume).
+    if monthly and COUNTED ~= METERS then
+      m.earlier, m.ttl = true, tonumber(ARGV[7])
     end
     local override = stored[i + 2]
     if override then
@@ -107,37 +115,30 @@ local function load_metrics()
         m.limit, m.limit_text = tonumber(override), override
         m.quota, m.alert = scaled(override, percent, false), scaled(override, 80, true)
       end
-    elseif plan ~= '' then
-      local from = plan_at(spec, plan)
-      local limit, quota, alert
-      if from then
-        limit, quota, alert = string.match(spec, '^(%d+):(%d+):(%d+)', from)
-      end
+    else
+      local limit, quota, alert = string.match(spec, '^%d:%d+:(%d+):(%d+):(%d+)$')
       if limit then
         m.limit, m.limit_text = tonumber(limit), limit
         m.quota, m.alert = tonumber(quota), tonumber(alert)
       end
     end
-    if not m.monthly then
-      m.keep = tonumber(string.match(spec, '^%d:%d+:(%d+)'))
-    end
     metrics[i] = m
   end
-  return metrics, unknown_plan, stored[2]
+  return metrics, stored[2]
 end
 
--- Whether a redis.pcall error says the key holds no integer (an operator's SET typo,
--- another type) rather than that Redis cannot write now (OOM, READONLY, ...).
+-- Whether a redis.pcall error says the field holds no integer (an operator's HSET typo,
+-- a key of another type) rather than that Redis cannot write now (OOM, READONLY, ...).
 local function not_a_counter(failure)
   local message = tostring(failure.err)  -- fakeredis hands a Python object over
   return string.find(message, 'WRONGTYPE', 1, true) ~= nil
     or string.find(message, 'not an integer', 1, true) ~= nil
 end
 
--- INCRBY, or nil and the error: the caller takes back what it counted and reports it,
+-- HINCRBY, or nil and the error: the caller takes back what it counted and reports it,
 -- so nothing is half applied.
-local function incr(key, amount)
-  local value = redis.pcall('INCRBY', key, amount)
+local function incr(hash, field, amount)
+  local value = redis.pcall('HINCRBY', hash, field, amount)
   if type(value) == 'table' then
     return nil, value
   end
@@ -145,8 +146,8 @@ local function incr(key, amount)
 end
 
 -- A counter's value (0 when absent), or nil and the error when it cannot be read as one.
-local function read(key)
-  local value = redis.pcall('GET', key)
+local function read(hash, field)
+  local value = redis.pcall('HGET', hash, field)
   if type(value) == 'table' then
     return nil, value
   end
@@ -157,20 +158,45 @@ local function read(key)
   return number
 end
 
--- The error reply for a failed counter: the key named when it holds no integer, else
--- Redis's own error (an outage such as OOM, which the client's policy answers).
-local function failed(key, failure)
+-- The error reply for a failed counter: the key and field named when it holds no
+-- integer (the key alone when it is of another type), else Redis's own error (an outage such as OOM, which the client's policy
+-- answers).
+local function failed(hash, field, failure)
   if not_a_counter(failure) then
-    return redis.error_reply('UGDATA ' .. key .. ' holds no integer counter: nothing was counted')
+    if string.find(tostring(failure.err), 'WRONGTYPE', 1, true) then
+      field = ''  -- the key as a whole: it holds no hash
+    end
+    return redis.error_reply('UGDATA ' .. hash .. ' ' .. field
+      .. ' holds no integer counter: nothing was counted')
   end
   return failure
 end
 
--- A monthly counter that adding delta made (its value is delta) expires with its history.
-local function expire_if_new(key, value, delta, ttl)
-  if value == delta then
-    redis.call('EXPIRE', key, ttl or TTL)
+-- Take delta (< 0) back from a counter; a field back at 0 goes, so that no hash keeps
+-- what a denied call made.
+local function decr(hash, field, delta)
+  local value = redis.call('HINCRBY', hash, field, delta)
+  if value == 0 then
+    redis.call('HDEL', hash, field)
   end
+  return value
+end
+
+-- A month's hash that adding delta to a field made (its value is delta) expires with
+-- the history window; so does the current month's personal hash, whose first count of
+-- the month drops the month before's (only the current month's is read).
+local function expire_if_new(hash, value, delta, ttl)
+  if value == delta then
+    redis.call('EXPIRE', hash, ttl or TTL)
+    if hash == OWN then
+      redis.call('DEL', LAST_OWN)
+    end
+  end
+end
+
+-- The names 'held' files a meter's org and personal counters under (see _reservations.lua).
+local function held_ids(m)
+  return counter_id(m.hash, m.field), counter_id(m.own_hash, m.own_field)
 end
 
 -- What open reservations hold against each metric's counters: m.held (org) and
@@ -178,7 +204,7 @@ end
 local function load_held(metrics)
   local fields = {}
   for i, m in ipairs(metrics) do
-    fields[2 * i - 1], fields[2 * i] = held_field(m.key, KEYS[1]), held_field(m.other, KEYS[1])
+    fields[2 * i - 1], fields[2 * i] = held_ids(m)
   end
   local held = redis.call('HMGET', HELD, unpack(fields))
   for i, m in ipairs(metrics) do
@@ -189,36 +215,46 @@ local function load_held(metrics)
   end
 end
 
--- Record a cumulative value for this period, keeping the newest ``keep`` periods.
-local function remember(history, value, keep)
-  if redis.call('HSET', history, PERIOD, value) == 1 and redis.call('HLEN', history) > keep then
-    local periods = redis.call('HKEYS', history)
-    table.sort(periods)
-    for i = 1, #periods - keep do
-      redis.call('HDEL', history, periods[i])
+-- A cumulative meter changed from before to value: its last value of the month goes in
+-- the month's hash. A month with no value of its own has the one before it; so the
+-- first change of a month after one without a value also records the value the month
+-- started from (s:<metric>, when not 0), which the months before show.
+local function remember(m, value, before)
+  if redis.call('HSET', METERS, m.name, value) == 1 then
+    redis.call('EXPIRE', METERS, TTL)
+    if before ~= 0 and redis.call('HEXISTS', LAST_METERS, m.name) == 0 then
+      redis.call('HSET', METERS, 's:' .. m.name, before)
     end
   end
 end
 
--- Thresholds (80/90/100 % of the limit) newly reached by an org meter, each recorded once
--- per period in m.thresholds; appended to reply as name, threshold, used, limit.
-local function reach_thresholds(m, used, reply)
-  -- Most calls stay below the first threshold: they need no read of the thresholds hash.
+-- Thresholds (80/90/100 % of the limit) newly reached by an org meter whose usage went
+-- from used - delta to used, each recorded once per month (t:<metric> in the month's
+-- hash: the highest reached); appended to reply as name, threshold, used, limit. A
+-- change counted in an earlier month (a late settle) reports the thresholds it crossed.
+local function reach_thresholds(m, used, delta, reply)
+  -- Most calls stay below the first threshold: they need no read of the record.
   if not m.limit or m.limit == 0 or used < m.alert then
     return
   end
-  local thresholds = m.thresholds or KEYS[3]
-  local fired = tonumber(redis.call('HGET', thresholds, m.name) or '0')
+  local field = 't:' .. m.name
+  local fired, floor = 0, used - delta
+  if not m.earlier then
+    fired, floor = tonumber(redis.call('HGET', METERS, field) or '0'), -1
+  end
   local highest = fired
   for _, threshold in ipairs({80, 90, 100}) do
-    if threshold > fired and used >= scaled(m.limit_text, threshold, true) then
+    local value = scaled(m.limit_text, threshold, true)
+    if threshold > fired and used >= value and value > floor then
       highest = threshold
       local n = #reply
       reply[n + 1], reply[n + 2], reply[n + 3], reply[n + 4] = m.name, threshold, used, m.limit
     end
   end
-  if highest > fired then
-    redis.call('HSET', thresholds, m.name, highest)
-    redis.call('EXPIRE', thresholds, m.ttl or TTL)
+  if not m.earlier and highest > fired then
+    if redis.call('HSET', METERS, field, highest) == 1 then
+      redis.call('EXPIRE', METERS, TTL)
+      redis.call('HDEL', LAST_METERS, field)  -- only the current month's is read
+    end
   end
 end

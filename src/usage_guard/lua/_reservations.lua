@@ -2,18 +2,24 @@
 --
 -- An open reservation's estimate is held apart from the counters, in two keys of the
 -- org that every call declares: 'reservations', a sorted set of open reservations by
--- deadline (ms, by the guards' clock), and 'held', a hash from a counter (its key
--- without the org's base, e.g. 'c:ai_tokens:2026-11') to the estimates held against
--- it. A meter's usage is its counter plus what is held against it, so a reservation
--- that expires is refunded by taking its entry out of those two keys, whichever
--- counters it held against: no other key is touched, none recreated.
+-- deadline (ms, by the guards' clock), and 'held', a hash from a counter (see
+-- counter_id, e.g. 'm:2026-11:ai_tokens') to the estimates held against it. A meter's
+-- usage is its counter plus what is held against it, so a reservation that expires is
+-- refunded by taking its entry out of those two keys, whichever counters it held
+-- against: no other key is touched, none recreated.
 -- An entry is "r:<id>\t<counter>=<amount>..." for every counter it holds against; the
 -- reservation's own key (r:<id>) keeps the same string until settled or cancelled.
 -- Every script declares the org's hash as KEYS[1].
 
--- The field in 'held' of a counter's key, given the org hash's key (the org's base .. 'org').
-local function held_field(key, org_key)
-  return string.sub(key, #org_key - 2)
+-- A key's name after the org's base (KEYS[1], the org hash, is "<base>org").
+local function suffix(key)
+  return string.sub(key, #KEYS[1] - 2)
+end
+
+-- The name 'held' files a counter under: its hash's name after the org's base, then
+-- its field ('m:2026-11:ai_tokens', 'u:2026-11:alice:ai_tokens', 'org:contacts').
+local function counter_id(hash, field)
+  return suffix(hash) .. ':' .. field
 end
 
 -- Give back what an entry holds.

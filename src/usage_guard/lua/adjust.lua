@@ -5,23 +5,27 @@
 -- open or expired (then once, as a plain consumption); cancelling an expired one does
 -- nothing.
 -- Reply: {done (1, or 0 for a reservation already settled or cancelled, or cancelled
---         after it expired), then name, threshold, used, limit for each threshold reached}.
+--         after it expired), then name, threshold, used, limit for each threshold reached};
+--         a stale plan (see _lib.lua) {4, plan}.
 
-local metrics, _, due = load_metrics()
+local metrics, due = load_metrics()
+if not metrics then
+  return {STALE_PLAN, due}
+end
 local open = sweep(RESERVATIONS, HELD, ARGV[6], due)
 -- Every counter is read before anything is written: a key that holds no integer (an
 -- operator's SET typo, another type) is reported, and nothing is half applied.
 for _, m in ipairs(metrics) do
   local failure
-  m.count, failure = read(m.key)
+  m.count, failure = read(m.hash, m.field)
   if not m.count then
-    return failed(m.key, failure)
+    return failed(m.hash, m.field, failure)
   end
   m.own_count = 0
   if m.personal then
-    m.own_count, failure = read(m.other)
+    m.own_count, failure = read(m.own_hash, m.own_field)
     if not m.own_count then
-      return failed(m.other, failure)
+      return failed(m.own_hash, m.own_field, failure)
     end
   end
 end
@@ -65,30 +69,30 @@ for i, m in ipairs(metrics) do
     if MODE == 'set' then
       -- Exact whatever the counter held: past MAX (an unlimited meter) deltas would round.
       used = m.amount
-      redis.call('SET', m.key, string.format('%d', used))
+      redis.call('HSET', m.hash, m.field, string.format('%d', used))
     else
-      used = redis.call('INCRBY', m.key, delta)
+      used = redis.call('HINCRBY', m.hash, m.field, delta)
       if m.monthly then
-        expire_if_new(m.key, used, delta, m.ttl)
+        expire_if_new(m.hash, used, delta, m.ttl)
       end
     end
     if m.personal then
-      local mine = redis.call('INCRBY', m.other, delta)
-      expire_if_new(m.other, mine, delta, m.ttl)
+      local mine = redis.call('HINCRBY', m.own_hash, m.own_field, delta)
+      expire_if_new(m.own_hash, mine, delta)
     end
   elseif delta < 0 then
     if m.count > 0 then
-      used = redis.call('DECRBY', m.key, math.min(m.count, -delta))
+      used = decr(m.hash, m.field, -math.min(m.count, -delta))
     end
     if m.personal and m.own_count > 0 then
-      redis.call('DECRBY', m.other, math.min(m.own_count, -delta))
+      decr(m.own_hash, m.own_field, -math.min(m.own_count, -delta))
     end
   end
   if used ~= m.count and not m.monthly then
-    remember(m.other, used, m.keep)
+    remember(m, used, m.count)
   end
   if delta > 0 then
-    reach_thresholds(m, used + m.held, reply)
+    reach_thresholds(m, used + m.held, delta, reply)
   end
 end
 return reply

@@ -3,11 +3,11 @@
 -- FLAGS 'r': the estimates are held, not counted, until the reservation's deadline
 -- (ARGV[7]); KEYS[EXTRA_KEY] records them until it is settled or cancelled.
 -- Reply: {admitted (1/0), metric, scope, used, limit (-1: none), quota (-1: none),
---         assigned plan that is not configured ('' if none), the amount asked of that
---         metric, {name, scope, used, limit, quota, amount of each other metric
---         (admitted only)}, then name, threshold, used, limit for each threshold reached};
---         a denial by a personal budget ends after the amount; an idempotent replay
---         is {2, stored}; a late call (see below) {3}.
+--         the amount asked of that metric, {name, scope, used, limit, quota, amount of
+--         each other metric (admitted only)}, then name, threshold, used, limit for each
+--         threshold reached}; a denial by a personal budget ends after the amount; an
+--         idempotent replay is {2, stored}; a late call (see below) {3}; a stale plan
+--         (see _lib.lua) {4, plan}.
 
 local function fits(used, amount, quota)
   return used <= quota and amount <= quota - used
@@ -18,18 +18,18 @@ end
 -- having held nothing, when a sum would not fit Redis's integers (estimates of
 -- unlimited meters near 2^63).
 local function hold(metrics, record)
-  local entry = {held_field(record, KEYS[1])}
+  local entry = {suffix(record)}
   for _, m in ipairs(metrics) do
     if m.amount > 0 then
-      for _, key in ipairs(m.personal and {m.key, m.other} or {m.key}) do
-        local field = held_field(key, KEYS[1])
+      local org_id, own_id = held_ids(m)
+      for _, id in ipairs(m.personal and {org_id, own_id} or {org_id}) do
         local amount = string.format('%d', m.amount)
-        local sum = redis.pcall('HINCRBY', HELD, field, amount)
+        local sum = redis.pcall('HINCRBY', HELD, id, amount)
         if type(sum) == 'table' then
           release(HELD, table.concat(entry, '\t'))
           return sum
         end
-        entry[#entry + 1] = field .. '=' .. amount
+        entry[#entry + 1] = id .. '=' .. amount
       end
     end
   end
@@ -68,7 +68,10 @@ if ARGV[8] ~= '0' then
 end
 
 local extra = KEYS[EXTRA_KEY]
-local metrics, unknown_plan, due = load_metrics()
+local metrics, due = load_metrics()
+if not metrics then
+  return {STALE_PLAN, due}
+end
 if sweep(RESERVATIONS, HELD, ARGV[6], due) then
   load_held(metrics)
 end
@@ -102,17 +105,9 @@ local function take_back(upto)
   for i = 1, upto do
     local m = metrics[i]
     if m.counted then
-      local count = redis.call('DECRBY', m.key, m.amount)
-      if count == 0 then
-        redis.call('DEL', m.key)  -- it was made by this call: no key stays without its TTL
-      end
-      used = count + m.held
+      used = decr(m.hash, m.field, -m.amount) + m.held
       if m.personal then
-        local mine = redis.call('DECRBY', m.other, m.amount)
-        if mine == 0 then
-          redis.call('DEL', m.other)
-        end
-        own = mine + m.held_own
+        own = decr(m.own_hash, m.own_field, -m.amount) + m.held_own
       end
     else
       used, own = m.used, m.own
@@ -127,34 +122,34 @@ end
 for i, m in ipairs(metrics) do
   local used, own
   if counting and m.amount > 0 then
-    local count, failure = incr(m.key, m.amount)
+    local count, failure = incr(m.hash, m.field, m.amount)
     if not count then
       take_back(i - 1)
-      return failed(m.key, failure)
+      return failed(m.hash, m.field, failure)
     end
     m.counted, m.used = true, count + m.held
     used = m.used - m.amount
     if m.personal then
-      count, failure = incr(m.other, m.amount)
+      count, failure = incr(m.own_hash, m.own_field, m.amount)
       if not count then
         m.personal = false  -- only its org counter to take back
         take_back(i)
-        return failed(m.other, failure)
+        return failed(m.own_hash, m.own_field, failure)
       end
       m.own = count + m.held_own
       own = m.own - m.amount
     end
   else
     local count, mine, failure = nil, 0, nil
-    count, failure = read(m.key)
-    local key = m.key
+    count, failure = read(m.hash, m.field)
+    local hash, field = m.hash, m.field
     if count and m.personal then
-      mine, failure = read(m.other)
-      key = m.other
+      mine, failure = read(m.own_hash, m.own_field)
+      hash, field = m.own_hash, m.own_field
     end
     if not (count and mine) then
       take_back(i - 1)
-      return failed(key, failure)
+      return failed(hash, field, failure)
     end
     m.used, m.own = count + m.held, mine + m.held_own
     used, own = m.used, m.own
@@ -163,7 +158,7 @@ for i, m in ipairs(metrics) do
     m.budget = budgets[i] and tonumber(budgets[i])
     if m.budget and not fits(own, m.amount, m.budget) then
       local _, before = take_back(i)
-      return {0, m.name, 'personal', before, m.budget, m.budget, unknown_plan, m.amount}
+      return {0, m.name, 'personal', before, m.budget, m.budget, m.amount}
     end
   end
   -- An unlimited meter admits everything, even past MAX (its quota stands at MAX).
@@ -172,9 +167,9 @@ for i, m in ipairs(metrics) do
     -- A threshold that a late call crossed (it reports none) is reported here, by the
     -- first call that finds the meter full.
     local denial = {0, m.name, 'organization', before, m.limit or -1, m.limit and m.quota or -1,
-                    unknown_plan, m.amount, {}}
+                    m.amount, {}}
     if MODE ~= 'check' then  -- a check changes nothing
-      reach_thresholds(m, before, denial)
+      reach_thresholds(m, before, 0, denial)
     end
     return denial
   end
@@ -182,14 +177,14 @@ end
 
 for _, m in ipairs(metrics) do
   if m.counted then
+    local count = m.used - m.held
     if m.monthly then
-      expire_if_new(m.key, m.used - m.held, m.amount)
+      expire_if_new(m.hash, count, m.amount)
+    else
+      remember(m, count, count - m.amount)
     end
     if m.personal then
-      expire_if_new(m.other, m.own - m.held_own, m.amount)
-    end
-    if not m.monthly then
-      remember(m.other, m.used - m.held, m.keep)
+      expire_if_new(m.own_hash, m.own - m.held_own, m.amount)
     end
   end
 end
@@ -224,14 +219,16 @@ for i = 2, #metrics do
   others[n + 1], others[n + 6] = m.name, m.amount
   others[n + 2], others[n + 3], others[n + 4], others[n + 5] = binding(m)
 end
-local reply = {1, first.name, scope, used, limit, quota, unknown_plan, first.amount, others}
+local reply = {1, first.name, scope, used, limit, quota, first.amount, others}
 if MODE == 'check' then
   return reply
 end
 
 if FLAGS == 'i' then
+  -- "<metric>\t<o|p>\t<used>\t<limit>\t<quota>\t<YYYY-MM>\t<amount>": short, as there may
+  -- be millions (the scope by its initial: organization or personal).
   redis.call('SET', extra, string.format('%s\t%s\t%d\t%d\t%d\t%s\t%d', first.name,
-    scope, used, limit, quota, PERIOD, first.amount), 'EX', 86400)
+    string.sub(scope, 1, 1), used, limit, quota, PERIOD, first.amount), 'EX', 86400)
 elseif FLAGS == 'r' then
   local failure = hold(metrics, extra)
   if failure then
@@ -243,7 +240,7 @@ if late then
 end
 for _, m in ipairs(metrics) do
   if m.amount > 0 then
-    reach_thresholds(m, m.used, reply)
+    reach_thresholds(m, m.used, m.amount, reply)
   end
 end
 return reply
