@@ -44,7 +44,25 @@ _gives_up: ContextVar[float | None] = ContextVar("usage_guard_gives_up", default
 
 class _Budgeted(redis.connection.AbstractConnection):
     """Connecting (a TLS handshake included) and reading that end when the current call
-    is given up on (see :func:`budgeted`)."""
+    is given up on (see :func:`budgeted`), and connecting only to send a command."""
+
+    def connect(self) -> None:
+        """Nothing: a connection connects when it sends its first command (redis-py's
+        ``send_packed_command`` does, with no socket), so that a failure to connect is
+        the command's, not the pool's.
+
+        redis-py's pool connects each connection it hands out, and its cluster client
+        asks it again after a TRYAGAIN, ASK or MOVED reply. When that connect fails
+        (a budgeted one soon does), ``RedisCluster._execute_command`` (redis-py 8.1,
+        redis/cluster.py lines 1751, 1848, 1994 and 2009) disconnects and releases a
+        second time the connection of its previous try, still named by ``connection``,
+        which the pool may have handed to another thread meanwhile: two threads then
+        share one socket and read each other's replies (a consume a clock reading's).
+        """
+
+    def can_read(self, timeout: float = 0) -> bool:
+        # Unconnected: nothing to read (and no connecting here either, see connect()).
+        return self._sock is not None and bool(super().can_read(timeout))
 
     def _connect(self):  # type: ignore[no-untyped-def]
         gives_up = _gives_up.get()
