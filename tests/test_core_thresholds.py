@@ -215,6 +215,22 @@ def test_a_late_settle_counts_in_its_month_and_leaves_the_newer_months_record(
     assert [(e.threshold, e.used, e.period) for e in events][3:] == [(90, 90, "2026-12")]
 
 
+def test_a_late_settle_does_not_fire_again_what_its_hold_fired(
+    guard: UsageGuard, events: list[ThresholdEvent], clock: Any
+) -> None:
+    """The hold crossed November's 80 %; settled in December, the reservation reports
+    only what the actual amount crossed beyond the hold."""
+    clock.set(2026, 11, 30, 23, 50)
+    guard.consume("acme", "ai_tokens", 70)
+    reservation = guard.reserve("acme", "ai_tokens", 10, ttl=3600)  # 80: November's 80 %
+    clock.set(2026, 12, 1, 0, 10)
+    assert reservation.settle(25) is True  # November: 70 + 25
+    assert [(e.threshold, e.used, e.period) for e in events] == [
+        (80, 80, "2026-11"),
+        (90, 95, "2026-11"),
+    ]
+
+
 def test_thresholds_are_per_org(guard: UsageGuard, events: list[ThresholdEvent]) -> None:
     guard.consume("acme", "emails", 8)
     guard.consume("globex", "emails", 8)

@@ -229,16 +229,16 @@ local function remember(m, value, before)
 end
 
 -- Thresholds (80/90/100 % of the limit) newly reached by an org meter whose usage went
--- from used - delta to used, each recorded once per month (t:<metric> in the month's
--- hash: the highest reached); appended to reply as name, threshold, used, limit. A
--- change counted in an earlier month (a late settle) reports the thresholds it crossed.
-local function reach_thresholds(m, used, delta, reply)
+-- from before to used, each recorded once per month (t:<metric> in the month's hash:
+-- the highest reached); appended to reply as name, threshold, used, limit. A change
+-- counted in an earlier month (a late settle) reports the thresholds it crossed.
+local function reach_thresholds(m, used, before, reply)
   -- Most calls stay below the first threshold: they need no read of the record.
   if not m.limit or m.limit == 0 or used < m.alert then
     return
   end
   local field = 't:' .. m.name
-  local fired, floor = 0, used - delta
+  local fired, floor = 0, before
   if not m.earlier then
     fired, floor = tonumber(redis.call('HGET', METERS, field) or '0'), -1
   end

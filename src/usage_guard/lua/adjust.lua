@@ -30,7 +30,9 @@ for _, m in ipairs(metrics) do
   end
 end
 
-local deltas = {}
+-- deltas: each counter's change; released: what the settled reservation held, by
+-- counter (its usage before the settle includes it).
+local deltas, released = {}, {}
 if FLAGS == 'r' then
   local record = KEYS[EXTRA_KEY]
   local entry = redis.call('GET', record)
@@ -40,6 +42,9 @@ if FLAGS == 'r' then
   redis.call('DEL', record)
   local holding = open and redis.call('ZREM', RESERVATIONS, entry) == 1
   if holding then
+    for id, amount in string.gmatch(entry, '\t([^=]+)=(%d+)') do
+      released[id] = tonumber(amount)
+    end
     release(HELD, entry)
     open = redis.call('EXISTS', RESERVATIONS) == 1
     if not open then
@@ -92,7 +97,8 @@ for i, m in ipairs(metrics) do
     remember(m, used, m.count)
   end
   if delta > 0 then
-    reach_thresholds(m, used + m.held, delta, reply)
+    local before = m.count + m.held + (released[counter_id(m.hash, m.field)] or 0)
+    reach_thresholds(m, used + m.held, before, reply)
   end
 end
 return reply

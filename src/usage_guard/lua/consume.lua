@@ -169,7 +169,7 @@ for i, m in ipairs(metrics) do
     local denial = {0, m.name, 'organization', before, m.limit or -1, m.limit and m.quota or -1,
                     m.amount, {}}
     if MODE ~= 'check' then  -- a check changes nothing
-      reach_thresholds(m, before, 0, denial)
+      reach_thresholds(m, before, before, denial)
     end
     return denial
   end
@@ -240,7 +240,7 @@ if late then
 end
 for _, m in ipairs(metrics) do
   if m.amount > 0 then
-    reach_thresholds(m, m.used, m.amount, reply)
+    reach_thresholds(m, m.used, m.used - m.amount, reply)
   end
 end
 return reply
