@@ -208,7 +208,10 @@ def under_load(
     decisions: dict[str, Decision] = {}
     orgs = [f"org{n}" for n in range(ORGS)]
     interval = 1 / 200
-    pause_at, resume_at = ORGS * interval * 0.25, ORGS * interval * 0.25 + 1.5
+    # Halfway between two calls: one that Redis runs as it stops, its reply not yet
+    # written, is the open case the README names (a reply lost), not a late call.
+    pause_at = (ORGS * 0.25 + 0.5) * interval
+    resume_at = pause_at + 1.5
 
     def controller(started: float) -> None:
         time.sleep(max(0.0, started + pause_at - time.monotonic()))
@@ -306,9 +309,9 @@ def test_a_paused_server_charges_no_refused_call_and_every_served_call_it_ran(
 ) -> None:
     guard = UsageGuard.from_url(
         f"redis://127.0.0.1:{redis_process.port}/0",
-        # Many plans make long commands: those in flight fill more than one of Redis's
-        # 16 KB reads, as a busy app's do.
-        plans={name: Plan(name, {"emails": 1}) for name in ["free", *(f"p{n}" for n in range(40))]},
+        # The calls in flight during the pause (hundreds of about 400 bytes) fill more
+        # than one of Redis's 16 KB reads, as a busy app's do.
+        plans={"free": Plan("free", {"emails": 1})},
         default_plan="free",
         timeout=TIMEOUT,
         on_backend_error=policy,  # type: ignore[arg-type]

@@ -179,7 +179,8 @@ class Calls:
         self.learn_plan(org, stored)
         if not tries_left:
             raise PlanChanging(f"the plan of org {org!r} changed during each of its tries")
-        self.plan_refreshes += 1
+        with self._learning:
+            self.plan_refreshes += 1
         args = call.args.copy()
         args[_PLAN_ARG] = stored
         specs = self._specs_of(stored)
@@ -286,7 +287,7 @@ class Calls:
 
     def _consume_one(self, org: str, metric: str, amount: int, user: str | None) -> Call[Decision]:
         """The common consumption, one metric by name: its keys, spec and reply readers are
-        built once per (org, metric, user), month and plan; a call sets only the TTLs, the
+        built once per (org, metric, user), month and plan; a call sets only the TTL, the
         time and the amount."""
         prepared = self._prepared.get((org, metric, user))
         if prepared is None:
