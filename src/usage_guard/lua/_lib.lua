@@ -94,12 +94,13 @@ local function load_metrics()
     local spec = ARGV[at + 3]
     local monthly = string.byte(spec) == 49
     -- limit false: unlimited; quota: the most admitted; alert: the first threshold (80 %).
-    -- hash, field: the meter's counter; own_hash, own_field: its personal counter.
+    -- hash, field: the meter's counter; own_hash, own_field: its personal counter (false
+    -- when not counted for a user).
+    local personal = ARGV[at + 2] == '1' and COUNTED == METERS
     local m = {
-      name = name, amount = tonumber(ARGV[at + 1]), monthly = monthly,
-      personal = ARGV[at + 2] == '1' and COUNTED == METERS,
+      name = name, amount = tonumber(ARGV[at + 1]), monthly = monthly, personal = personal,
       hash = monthly and COUNTED or KEYS[1], field = name,
-      own_hash = OWN, own_field = USER .. ':' .. name,
+      own_hash = OWN, own_field = personal and USER .. ':' .. name,
       limit = false, limit_text = false, quota = MAX, alert = MAX,
       held = 0, held_own = 0,
     }
@@ -196,7 +197,8 @@ end
 
 -- The names 'held' files a meter's org and personal counters under (see _reservations.lua).
 local function held_ids(m)
-  return counter_id(m.hash, m.field), counter_id(m.own_hash, m.own_field)
+  local id = counter_id(m.hash, m.field)
+  return id, m.personal and counter_id(m.own_hash, m.own_field) or id
 end
 
 -- What open reservations hold against each metric's counters: m.held (org) and
