@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -443,3 +444,29 @@ def test_a_failure_after_a_redirect_is_the_node_that_was_reached() -> None:
         "127.0.0.1:7001",
         "127.0.0.1:7002",
     }
+
+
+@pytest.mark.cluster
+def test_a_sync_call_on_a_cluster_whose_masters_all_hang_waits_one_timeout_at_most(
+    tmp_path: Path,
+) -> None:
+    """redis-py rediscovers inside a failing call, a timeout per node; a refused call's
+    rediscovery runs off the request's thread."""
+    cluster = Cluster(tmp_path, node_timeout_ms=15_000)
+    masters = cluster.masters()
+    try:
+        guard = UsageGuard.from_url(cluster.url(), plans=PLANS, default_plan="free", timeout=0.3)
+        orgs = [f"org{n}" for n in range(6)]
+        for org in orgs:
+            assert guard.consume(org, "emails").allowed
+        for master in masters:
+            os.kill(master.process.pid, signal.SIGSTOP)
+        try:
+            waits = [timed(partial(guard.consume, org, "emails"))[0] for org in orgs * 2]
+        finally:
+            for master in masters:
+                os.kill(master.process.pid, signal.SIGCONT)
+        assert max(waits) < 0.3 + 0.15, waits
+        guard.close(timeout=0)
+    finally:
+        cluster.stop()

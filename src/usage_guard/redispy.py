@@ -37,8 +37,7 @@ from .servertime import LATE_REPLY, ServerClock
 #: Seconds before trying again a script whose slot is being migrated: the first wait,
 #: doubled each time up to the second.
 RESHARD_DELAYS = (0.01, 0.05)
-#: When (``time.monotonic()``) the current sync call is given up on, while it has less
-#: than the timeout left: see :func:`budgeted`.
+#: When (``time.monotonic()``) the current sync call is given up on: see :func:`budgeted`.
 _gives_up: ContextVar[float | None] = ContextVar("usage_guard_gives_up", default=None)
 
 
@@ -297,15 +296,15 @@ class RedisScripts:
         wait: float | None = None,
         deadline_arg: int | None = None,
     ) -> Any:
-        # ``wait`` bounds the call as a whole: the tries during a slot migration, and (the
-        # client's connections are budgeted, see budgeted()) each connect and read.
+        # The call as a whole ends at its deadline: the tries during a slot migration, and
+        # (the client's connections are budgeted, see budgeted()) each connect and read,
+        # those of redis-py's own rediscovery after a failure included.
         deadline = time.monotonic() + (self._timeout if wait is None else wait)
-        token = None if wait is None else _gives_up.set(deadline)
+        token = _gives_up.set(deadline)
         try:
             return self._tries(script, keys, args, deadline, deadline_arg)
         finally:
-            if token is not None:
-                _gives_up.reset(token)
+            _gives_up.reset(token)
 
     def _tries(
         self,
