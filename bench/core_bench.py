@@ -11,7 +11,9 @@ In one run, interleaved so machine noise hits both sides alike:
   pool against the guard's one multiplexed connection;
 * the same on ``memory://`` next to fakeredis running the floor script;
 * Redis commands per consumption from ``INFO commandstats`` deltas;
-* ``MEMORY USAGE`` of one org with all 12 metrics used for 6 months.
+
+Memory per organization is ``../shared/bench/memory_per_org.py``'s: ``INFO
+used_memory`` counts each key's overhead, which ``MEMORY USAGE`` leaves out.
 
 Usage: python bench/core_bench.py [--url redis://127.0.0.1:6379/14] [--n 5000] [--rounds 5]
 Keys go under a fresh prefix and are deleted afterwards; nothing is flushed.
@@ -25,7 +27,6 @@ import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
 
 import fakeredis
 import redis
@@ -136,28 +137,6 @@ def commands_per_consume(url: str, guard: UsageGuard, n: int) -> dict[str, float
     return {name: delta for name, delta in sorted(deltas.items()) if delta}
 
 
-def memory_per_org(url: str, prefix: str) -> int:
-    """All 12 metrics used in each of 6 months, with personal counters for 2 users."""
-    moments = [datetime(2026, month, 10, tzinfo=timezone.utc) for month in range(6, 12)]
-    now = {"value": moments[0]}
-    guard = UsageGuard.from_url(
-        url, plans=PLANS, default_plan="bench", prefix=prefix, clock=lambda: now["value"]
-    )
-    for moment in moments:
-        now["value"] = moment
-        for metric in DEFAULT_CATALOG:
-            for user in ("alice", "bob"):
-                guard.consume("mem-org", metric.name, 1234, user=user)
-    guard.set_budget("mem-org", "alice", "ai_tokens", 10_000)
-    guard.close()
-    client = redis.Redis.from_url(url)
-    total = sum(
-        client.memory_usage(key) or 0 for key in client.scan_iter(match=f"{prefix}:{{mem-org}}:*")
-    )
-    client.close()
-    return total
-
-
 def delete_prefix(url: str, prefix: str) -> None:
     client = redis.Redis.from_url(url)
     for key in client.scan_iter(match=f"{prefix}:*", count=1000):
@@ -237,10 +216,6 @@ def main() -> None:
         print(f"Client commands per consume: evalsha {per_command.pop('evalsha', 0):.3f}")
         inside = ", ".join(f"{name} {count:.3f}" for name, count in per_command.items())
         print(f"Run by the script inside that EVALSHA: {inside}")
-        print(
-            f"MEMORY USAGE of one org, 12 metrics x 6 months, 2 users: "
-            f"{memory_per_org(url, prefix)} bytes"
-        )
         guard.close()
         client.close()
     finally:
