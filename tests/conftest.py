@@ -36,6 +36,9 @@ from scripted import ScriptedServer
 from usage_guard import UsageGuard
 from usage_guard.failures import Failures
 
+#: pytester drives a user's own test suite (the test kit's plugin).
+pytest_plugins = ("pytester",)
+
 REDIS_URL = os.environ.get("USAGE_GUARD_REDIS_URL", "")
 CLUSTER = os.environ.get("USAGE_GUARD_CLUSTER", "") == "1"
 IN_CI = os.environ.get("CI", "").lower() == "true"

@@ -77,7 +77,7 @@ def test_show_prints_the_period_and_a_table_of_meters(
     assert "3.4 GB / 10 GB" in lines["Storage (bytes)"]
     assert "unlimited" in lines["API calls"]
     assert "My Usage (alice)" in out
-    assert "(shared organization pool)" in lines["Enrichments"]
+    assert "shared pool" in lines["Enrichments"] and "unlimited" not in lines["Enrichments"]
     assert "\033[" not in out  # not a terminal: no colour
 
 
@@ -284,3 +284,61 @@ def test_demo_on_a_busy_port_says_so_and_names_the_option() -> None:
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "--port" in done.stderr
     assert "Usage page" not in done.stdout  # no URL printed that does not work
+
+
+def test_an_org_without_a_plan_reads_no_plan(url: str) -> None:
+    UsageGuard.from_url(url).consume("solo", "emails", 1)
+    code, out = run("show", "solo", "--url", url)
+    assert code == 0 and out.startswith("solo · no plan · period ")
+
+
+def test_an_empty_memory_store_is_named_as_such(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("show", "acme", "--url", f"memory://empty-{uuid.uuid4().hex}")[0] == 0
+    assert "this memory:// store is empty: it lives in one process" in capsys.readouterr().err
+
+
+def test_a_plans_file_naming_an_unknown_metric_is_blamed_with_its_line(
+    tmp_path: Path, url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "plans.json"
+    path.write_text('{"default": "free",\n "plans": {"free": {"emails": 10,\n  "smss": 5}}}\n')
+    assert run("show", "acme", "--url", url, "--plans", str(path))[0] == 2
+    assert f"{path}, line 3: plan 'free' names 'smss'" in capsys.readouterr().err
+
+
+def test_an_applications_own_catalog_in_show_and_keys(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "app_catalog.py").write_text(
+        "from usage_guard import DEFAULT_CATALOG, Metric\n"
+        'catalog = DEFAULT_CATALOG.with_metrics(Metric("sms", "SMS sent", "monthly_activity"))\n'
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from app_catalog import catalog  # type: ignore[import-not-found]
+
+    UsageGuard.from_url(url, catalog=catalog).consume("acme", "sms", 3)
+    path = tmp_path / "plans.json"
+    path.write_text('{"plans": {"free": {"sms": 10}}}')
+    code, out = run("show", "acme", "--url", url, "--catalog", "app_catalog:catalog")
+    assert code == 0 and "SMS sent" in out
+    code, out = run("keys", "acme", "--json", "--catalog", "app_catalog")
+    meters = next(row for row in json.loads(out)["keys"] if ":m:" in row["key"])
+    assert "sms" in meters["fields"]
+    assert run("show", "acme", "--url", url, "--plans", str(path))[0] == 2  # sms: unknown
+    assert "line 1: plan 'free' names 'sms'" in capsys.readouterr().err
+    assert run("show", "acme", "--url", url, "--catalog", "app_catalog:nope")[0] == 2
+
+
+def test_a_reader_that_goes_away_is_no_error() -> None:
+    """``usage-guard keys acme | head -1``: the pipe closes before the output is written."""
+    proc = subprocess.Popen(
+        [USAGE_GUARD, "keys", "acme", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # long before the command has started
+    assert proc.wait(timeout=60) == 0
+    assert proc.stderr.read() == ""
+    proc.stderr.close()

@@ -16,16 +16,18 @@ Exit codes: 0 done, 1 Redis unreachable, 2 bad input.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
-from .catalog import DEFAULT_CATALOG
+from .catalog import DEFAULT_CATALOG, Catalog
 from .dashboard.formatting import figure, quantity
 from .errors import BackendUnavailable, InvalidUsage
 from .guard import UsageGuard
@@ -34,6 +36,7 @@ from .periods import Period, iso_utc, utc_now
 from .plans import Plan, load_plans
 from .report import MeterReport, PersonalMeterReport, Report
 
+CATALOG_HELP = "the application's catalog, module:attribute (default: $USAGE_GUARD_CATALOG)"
 EXIT_UNAVAILABLE = 1
 EXIT_USAGE = 2
 
@@ -60,24 +63,66 @@ def _redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def _plans(path: str | None) -> tuple[dict[str, Plan], str | None]:
+def _plans(path: str | None, catalog: Catalog) -> tuple[dict[str, Plan], str | None]:
+    """The plans of a JSON file, checked against the catalog: a metric it does not
+    have is blamed on the file and the line that names it."""
+    if not path:
+        return {}, None
     try:
-        return load_plans(path) if path else ({}, None)
+        plans, default = load_plans(path)
     except InvalidUsage as error:
         raise CliError(str(error)) from None
+    for plan in plans.values():
+        for metric in (*plan.limits, *plan.rate_limits):
+            if metric not in catalog:
+                lines = Path(path).read_text(encoding="utf-8").splitlines()
+                line = next((n for n, text in enumerate(lines, 1) if f'"{metric}"' in text), 1)
+                raise CliError(
+                    f"{path}, line {line}: plan {plan.name!r} names {metric!r}, which is not "
+                    "in the catalog (an application's own metrics: --catalog module:name)"
+                )
+    return plans, default
 
 
-def _guard(args: argparse.Namespace) -> UsageGuard:
+def _catalog(spec: str | None) -> Catalog:
+    """The application's catalog, ``module:attribute`` (default: the built-in one)."""
+    if not spec:
+        return DEFAULT_CATALOG
+    module, _, name = spec.partition(":")
+    if os.getcwd() not in sys.path:  # as uvicorn and gunicorn find an app's module
+        sys.path.insert(0, os.getcwd())
+    try:
+        catalog = getattr(importlib.import_module(module), name or "catalog")
+    except (ImportError, AttributeError) as error:
+        raise CliError(f"--catalog {spec}: {error}") from None
+    if not isinstance(catalog, Catalog):
+        raise CliError(f"--catalog {spec} is a {type(catalog).__name__}, not a usage_guard Catalog")
+    return catalog
+
+
+def _guard(args: argparse.Namespace, catalog: Catalog) -> UsageGuard:
     url = args.url or os.environ.get("USAGE_GUARD_URL")
     if not url:
         raise CliError("no storage URL: pass --url or set USAGE_GUARD_URL")
-    plans, default = _plans(args.plans or os.environ.get("USAGE_GUARD_PLANS"))
+    plans, default = _plans(args.plans or os.environ.get("USAGE_GUARD_PLANS"), catalog)
     try:
-        return UsageGuard.from_url(
-            url, plans=plans, default_plan=default, prefix=args.prefix, timeout=args.timeout
+        guard = UsageGuard.from_url(
+            url,
+            plans=plans,
+            default_plan=default,
+            catalog=catalog,
+            prefix=args.prefix,
+            timeout=args.timeout,
         )
     except ValueError as error:
         raise CliError(f"cannot use {_redacted(url)}: {error}") from None
+    if url.startswith("memory://") and not guard.backend.sync().command("DBSIZE"):
+        print(
+            "usage-guard: warning: this memory:// store is empty: it lives in one process "
+            "(point --url at the application's Redis)",
+            file=sys.stderr,
+        )
+    return guard
 
 
 def _paint(text: str, status: str, colour: bool) -> str:
@@ -100,14 +145,15 @@ def _meter_line(meter: MeterReport | PersonalMeterReport, colour: bool, width: i
         cap = meter.limit
         extra = " (soft cap)" if meter.cap == "soft" and cap is not None else ""
     else:
-        cap = meter.budget
-        extra = "" if cap is not None else " (shared organization pool)"
+        cap, extra = meter.budget, ""
     amount = (
         quantity(meter.used, meter.unit)
         if cap is None
         else f"{figure(meter.used, meter.unit)} / {quantity(cap, meter.unit)}"
     )
-    percent = _paint(f"{_percent(meter.percent):>9}", meter.status, colour)
+    shared = isinstance(meter, PersonalMeterReport) and cap is None
+    percent = "shared pool" if shared else _percent(meter.percent)
+    percent = _paint(f"{percent:>11}", meter.status, colour)
     bar = _bar(meter.percent, meter.status, colour)
     return f"  {meter.label:<{width}}  {bar}  {percent}  {amount}{extra}"
 
@@ -115,10 +161,9 @@ def _meter_line(meter: MeterReport | PersonalMeterReport, colour: bool, width: i
 def render_report(report: Report, colour: bool) -> str:
     """The ``show`` table: plan and period, meters by category, the user's own meters."""
     period = report.period
-    plan = report.plan or "(no plan)"
+    plan = "no plan" if report.plan is None else f"plan {report.plan}"
     lines = [
-        f"{report.organization} · plan {plan} · period {iso_utc(period.start)} → "
-        f"{iso_utc(period.end)}"
+        f"{report.organization} · {plan} · period {iso_utc(period.start)} → {iso_utc(period.end)}"
     ]
     width = max(len(m.label) for m in report.meters)
     for _, heading, meters in report.by_category():
@@ -130,7 +175,7 @@ def render_report(report: Report, colour: bool) -> str:
     return "\n".join(lines)
 
 
-def _keys(args: argparse.Namespace, out: TextIO) -> None:
+def _keys(args: argparse.Namespace, catalog: Catalog, out: TextIO) -> None:
     """The exact Redis keys of an org for the current (or given) period."""
     try:
         space = KeySpace(args.prefix, args.org)
@@ -143,7 +188,6 @@ def _keys(args: argparse.Namespace, out: TextIO) -> None:
         period = Period.parse(args.period)
     else:
         raise CliError(f"--period must be YYYY-MM (a month, e.g. 2026-11), not {args.period!r}")
-    catalog = DEFAULT_CATALOG
     monthly = [m.name for m in catalog if m.monthly]
     cumulative = [m.name for m in catalog if not m.monthly]
     personal = [f"{user or '<user>'}:{m.name}" for m in catalog.personal()]
@@ -233,14 +277,14 @@ def _count(text: str, what: str, *, none_words: tuple[str, ...]) -> int | None:
 
 def _run(args: argparse.Namespace, out: TextIO) -> None:
     if args.command == "keys":
-        _keys(args, out)
+        _keys(args, _catalog(args.catalog or os.environ.get("USAGE_GUARD_CATALOG")), out)
         return
     if args.command == "demo":
         from .demo import run
 
         run(host=args.host, port=args.port)
         return
-    guard = _guard(args)
+    guard = _guard(args, _catalog(args.catalog or os.environ.get("USAGE_GUARD_CATALOG")))
     url = _redacted(args.url or os.environ.get("USAGE_GUARD_URL", ""))
     try:
         if args.command == "show":
@@ -302,6 +346,7 @@ def parser() -> argparse.ArgumentParser:
     storage.add_argument("--prefix", default="ug", help="key prefix (default: ug)")
     storage.add_argument("--plans", help="plans JSON file (default: $USAGE_GUARD_PLANS)")
     storage.add_argument("--timeout", type=float, default=2.0, help="seconds per reply")
+    storage.add_argument("--catalog", help=CATALOG_HELP)
     root = argparse.ArgumentParser(
         prog="usage-guard", description="Read and administer usage_guard counters."
     )
@@ -319,6 +364,7 @@ def parser() -> argparse.ArgumentParser:
     keys.add_argument("--user", help="also list this user's personal counters")
     keys.add_argument("--period", help="YYYY-MM (default: the current month, UTC)")
     keys.add_argument("--prefix", default="ug", help="key prefix (default: ug)")
+    keys.add_argument("--catalog", help=CATALOG_HELP)
     keys.add_argument(
         "--json", action="store_true", help="the keys, their fields and expiry as JSON"
     )
@@ -366,6 +412,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except CliError as error:
         print(f"usage-guard: error: {error}", file=sys.stderr)
         return error.code
+    except BrokenPipeError:
+        # The reader went away (`usage-guard keys acme | head`): nothing left to say, and
+        # Python must not complain when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
