@@ -34,9 +34,11 @@ def test_ai_completion_reserves_max_tokens_and_settles_to_the_tokens_used(
     assert response.json() == {"text": "haiku a write", "tokens": 6}
     usage = guard.usage("acme", "alice")
     assert usage.meters["ai_tokens"].used == 6 and usage.personal["ai_tokens"].used == 6
-    failed = client.post("/v1/ai/complete", json={"prompt": " "}, headers=ALICE)
-    assert failed.status_code == 422
+    failed = client.post("/v1/ai/complete", json={"prompt": "fail"}, headers=ALICE)
+    assert failed.status_code == 502
     assert guard.usage("acme").meters["ai_tokens"].used == 6  # cancelled
+    blank = client.post("/v1/ai/complete", json={"prompt": " "}, headers=ALICE)
+    assert blank.status_code == 422  # refused by the schema, before any reservation
 
 
 def test_personal_ai_budget_429_while_the_org_has_room(

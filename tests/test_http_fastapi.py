@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Annotated
 
@@ -92,14 +93,44 @@ def test_dependency_without_identity_is_a_401(client: TestClient) -> None:
     assert client.get("/free").status_code == 200
 
 
-def test_openapi_documents_the_429_on_routes_with_the_dependency_only(client: TestClient) -> None:
+def test_openapi_documents_what_the_guard_answers_on_every_route_it_does_not_exclude(
+    client: TestClient,
+) -> None:
     paths = client.get("/openapi.json").json()["paths"]
-    for path in ("/enrich", "/enrich-sync"):
-        response = paths[path]["post"]["responses"]["429"]
-        assert "application/problem+json" in response["content"]
-        assert "Retry-After" in response["headers"]
-    assert "429" not in paths["/generate"]["post"]["responses"]
-    assert "429" not in paths["/free"]["get"]["responses"]
+    for path, method in (("/enrich", "post"), ("/generate", "post"), ("/free", "get")):
+        responses = paths[path][method]["responses"]
+        # The middleware meters api_calls on every route: a 429 anywhere.
+        assert "application/problem+json" in responses["429"]["content"]
+        assert "Retry-After" in responses["429"]["headers"]
+        assert "application/problem+json" in responses["400"]["content"]  # an id it rejects
+        assert "503" not in responses  # every metric fails open
+        # Metered code (here @metered in /generate) reached anonymously: a 401 anywhere.
+        assert "application/problem+json" in responses["401"]["content"]
+
+
+def test_openapi_documents_the_503_when_a_metric_fails_closed_and_nothing_when_excluded(
+    make_guard: Callable[..., UsageGuard],
+) -> None:
+    guard = make_guard(plans=PLANS, default_plan="free", on_backend_error={"enrichments": "deny"})
+    app = FastAPI()
+    install(app, guard=guard, identify=from_headers(), meter=None, exclude=["/health"])
+
+    @app.post("/enrich", dependencies=[Depends(require("enrichments", guard=guard))])
+    def enrich() -> None: ...
+
+    @app.get("/free")
+    def free() -> None: ...
+
+    @app.get("/health")
+    def health() -> None: ...
+
+    schema = app.openapi()
+    paths = schema["paths"]
+    assert {"400", "401", "429", "503"} <= set(paths["/enrich"]["post"]["responses"])
+    assert "Retry-After" in paths["/enrich"]["post"]["responses"]["503"]["headers"]
+    assert {"400", "401", "429", "503"} <= set(paths["/free"]["get"]["responses"])
+    assert set(paths["/health"]["get"]["responses"]) == {"200"}  # excluded: nothing of ours
+    assert "nullable" not in json.dumps(schema)  # OpenAPI 3.1: null is a type
 
 
 def test_require_with_an_unknown_metric_fails_at_declaration(guard: UsageGuard) -> None:

@@ -20,11 +20,12 @@ import io
 import itertools
 import os
 from dataclasses import dataclass, field
+from typing import Annotated
 
-from fastapi import Depends, FastAPI, HTTPException, Request
-from pydantic import BaseModel
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from pydantic import BaseModel, Field
 
-from usage_guard import Plan, UsageGuard, current_subject, metered
+from usage_guard import Plan, Unidentified, UsageGuard, current_subject, metered
 from usage_guard.asgi import from_headers
 from usage_guard.demo import mount_usage_page
 from usage_guard.fastapi import install, require
@@ -53,6 +54,11 @@ PLANS = {
 }
 
 
+ORG_ID = "DEMO ONLY: the caller's organization (a real service authenticates it)."
+#: One id: a comma would say the header was sent twice (usage_guard refuses it, a 400).
+ONE_ID = r"^[^,]+$"
+
+
 def default_guard() -> UsageGuard:
     return UsageGuard.from_url(
         os.environ.get("USAGE_GUARD_URL", "memory://"),
@@ -64,9 +70,13 @@ def default_guard() -> UsageGuard:
     )
 
 
+class ModelError(Exception):
+    """The model provider failed."""
+
+
 class CompletionRequest(BaseModel):
-    prompt: str
-    max_tokens: int = 256
+    prompt: str = Field(pattern=r"\S", description="Not blank.")
+    max_tokens: int = Field(256, ge=1, le=4096)
 
     def prompt_tokens(self) -> int:
         return len(self.prompt.split())
@@ -93,9 +103,10 @@ class Contact(BaseModel):
     cost=lambda completion: completion.tokens,
 )
 async def complete(request: CompletionRequest) -> Completion:
-    """A stand-in for an LLM call: the reply is shorter than max_tokens, as real ones are."""
-    if not request.prompt.strip():
-        raise ValueError("empty prompt")
+    """A stand-in for an LLM call: the reply is shorter than max_tokens, as real ones are;
+    the prompt "fail" fails, as a model provider sometimes does."""
+    if request.prompt.strip() == "fail":
+        raise ModelError("the model provider failed")
     words = request.prompt.split()
     reply = " ".join(reversed(words))[: request.max_tokens]
     return Completion(text=reply, tokens=len(words) + len(reply.split()))
@@ -134,22 +145,27 @@ def create_app(guard: UsageGuard | None = None) -> FastAPI:
     )
     mount_usage_page(app, guard)
 
-    def org() -> str:
+    def org(
+        x_org_id: Annotated[str, Header(pattern=ONE_ID, max_length=256, description=ORG_ID)],
+        x_user_id: Annotated[str | None, Header(pattern=ONE_ID, max_length=256)] = None,
+    ) -> str:
+        # The middleware identified the caller from these headers; declared here so that
+        # the OpenAPI schema tells clients to send them.
         who = current_subject()
         if who is None:
-            raise HTTPException(401, "send X-Org-Id")
+            raise Unidentified("send X-Org-Id")  # a 401 problem, as install() documents
         return who.org
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.post("/v1/ai/complete")
+    @app.post("/v1/ai/complete", responses={502: {"description": "The model failed."}})
     async def ai_complete(body: CompletionRequest, org_id: str = Depends(org)) -> Completion:
         try:
             return await complete(body)
-        except ValueError as error:
-            raise HTTPException(422, str(error)) from error
+        except ModelError as error:  # its reservation was cancelled: nothing is charged
+            raise HTTPException(502, str(error)) from error
 
     @app.post("/v1/emails", dependencies=[Depends(require("emails", guard=guard))])
     def send_email(email: Email, org_id: str = Depends(org)) -> dict[str, str]:
@@ -172,7 +188,11 @@ def create_app(guard: UsageGuard | None = None) -> FastAPI:
     async def create_contact(contact: Contact, org_id: str = Depends(org)) -> dict[str, int]:
         return {"id": await book.add(org_id, contact)}
 
-    @app.delete("/v1/contacts/{contact_id}", status_code=204)
+    @app.delete(
+        "/v1/contacts/{contact_id}",
+        status_code=204,
+        responses={404: {"description": "No such contact in this organization."}},
+    )
     async def delete_contact(contact_id: int, org_id: str = Depends(org)) -> None:
         if not book.remove(org_id, contact_id):
             raise HTTPException(404, "no such contact")

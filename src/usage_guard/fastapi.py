@@ -26,9 +26,17 @@ from .context import AnyGuard
 from .errors import InvalidUsage, Unidentified, UsageLimitExceeded
 from .problem import PROBLEM_JSON, QUOTA_EXCEEDED, answer
 from .requirement import Requirement, require
-from .web import Identify
+from .web import ExcludedPaths, Identify
 
-__all__ = ["QUOTA_RESPONSE", "Requirement", "install", "require"]
+__all__ = [
+    "INVALID_IDENTITY_RESPONSE",
+    "QUOTA_RESPONSE",
+    "UNAUTHORIZED_RESPONSE",
+    "UNAVAILABLE_RESPONSE",
+    "Requirement",
+    "install",
+    "require",
+]
 
 #: The OpenAPI description of the 429 the dependency can answer.
 QUOTA_RESPONSE: dict[str, Any] = {
@@ -51,9 +59,9 @@ QUOTA_RESPONSE: dict[str, Any] = {
                     "violated-policies": {"type": "array", "items": {"type": "string"}},
                     "metric": {"type": "string"},
                     "scope": {"type": "string", "enum": ["organization", "personal", "rate"]},
-                    "limit": {"type": "integer", "nullable": True},
+                    "limit": {"type": ["integer", "null"]},
                     "used": {"type": "integer"},
-                    "resets_at": {"type": "string", "format": "date-time", "nullable": True},
+                    "resets_at": {"type": ["string", "null"], "format": "date-time"},
                 },
             }
         }
@@ -61,10 +69,55 @@ QUOTA_RESPONSE: dict[str, Any] = {
 }
 
 
+def _problem(description: str, status: int, **headers: str) -> dict[str, Any]:
+    """The OpenAPI description of an RFC 9457 problem answer."""
+    return {
+        "description": description,
+        "headers": {
+            name.replace("_", "-"): {"schema": {"type": "integer"}, "description": text}
+            for name, text in headers.items()
+        },
+        "content": {
+            PROBLEM_JSON: {
+                "schema": {
+                    "type": "object",
+                    "required": ["type", "title", "status"],
+                    "properties": {
+                        "type": {"type": "string"},
+                        "title": {"type": "string"},
+                        "status": {"type": "integer", "example": status},
+                        "detail": {"type": "string"},
+                    },
+                }
+            }
+        },
+    }
+
+
+#: What the middleware answers a request whose organization or user id it cannot accept
+#: (a problem), and FastAPI one whose body it cannot parse (``{"detail": ...}``).
+INVALID_IDENTITY_RESPONSE = _problem(
+    "The organization or user id is not valid (or, from FastAPI, the body is not).", 400
+)
+INVALID_IDENTITY_RESPONSE["content"]["application/json"] = {
+    "schema": {"type": "object", "properties": {"detail": {"type": "string"}}}
+}
+#: An anonymous request where an identity is needed (``require_identity``, ``require()``).
+UNAUTHORIZED_RESPONSE = _problem("This request needs an identified organization.", 401)
+#: Redis is down and a metric of the request fails closed.
+UNAVAILABLE_RESPONSE = _problem(
+    "Usage cannot be checked now and this metric fails closed.",
+    503,
+    Retry_After="Seconds before trying again.",
+)
+
+
 def install(app: FastAPI, *, guard: AnyGuard, identify: Identify, **options: Any) -> None:
-    """Add :class:`UsageGuardMiddleware` (``options`` are its keywords), the 429 handler for
-    ``UsageLimitExceeded`` raised in endpoints, and the 429 in the OpenAPI schema of every
-    route that depends on :func:`require`."""
+    """Add :class:`UsageGuardMiddleware` (``options`` are its keywords) and the problem
+    handlers for errors raised in endpoints, and document in the OpenAPI schema what the
+    guard may answer on each route it does not exclude: the 400 of an id it cannot
+    accept, the 401 of metered code reached anonymously, the 429, and the 503 when a
+    metric fails closed."""
     app.add_middleware(UsageGuardMiddleware, guard=guard, identify=identify, **options)
     aguard = guard if isinstance(guard, AsyncUsageGuard) else guard.aio
     status = options.get("status_code", 429)
@@ -77,10 +130,19 @@ def install(app: FastAPI, *, guard: AnyGuard, identify: Identify, **options: Any
 
     for error in (UsageLimitExceeded, Unidentified, InvalidUsage):
         app.add_exception_handler(error, problem_response)
-    _document_quota_responses(app, str(status))
+    # Metered code (@metered, require(), guard calls) may run on any route the middleware
+    # does not exclude: each may answer what the guard answers.
+    answers = {
+        "400": INVALID_IDENTITY_RESPONSE,
+        "401": UNAUTHORIZED_RESPONSE,
+        str(status): QUOTA_RESPONSE,
+    }
+    if aguard.runtime.deny_on_backend_error:
+        answers["503"] = UNAVAILABLE_RESPONSE
+    _document(app, ExcludedPaths(options.get("exclude", ())), answers)
 
 
-def _document_quota_responses(app: FastAPI, status: str) -> None:
+def _document(app: FastAPI, exclude: ExcludedPaths, answers: dict[str, dict[str, Any]]) -> None:
     build: Callable[[], dict[str, Any]] = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -88,19 +150,16 @@ def _document_quota_responses(app: FastAPI, status: str) -> None:
             return app.openapi_schema
         schema = build()
         for route in app.routes:
-            if isinstance(route, APIRoute) and _requires_quota(route.dependant):
-                operations = schema.get("paths", {}).get(route.path_format, {})
-                for method in route.methods or ():
-                    operation = operations.get(method.lower())
-                    if operation is not None:
-                        operation.setdefault("responses", {}).setdefault(status, QUOTA_RESPONSE)
+            if not isinstance(route, APIRoute) or route.path_format in exclude:
+                continue
+            operations = schema.get("paths", {}).get(route.path_format, {})
+            for method in route.methods or ():
+                operation = operations.get(method.lower())
+                if operation is not None:
+                    responses = operation.setdefault("responses", {})
+                    for code, response in answers.items():
+                        responses.setdefault(code, response)
         app.openapi_schema = schema
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-
-
-def _requires_quota(dependant: Any) -> bool:
-    return any(
-        isinstance(sub.call, Requirement) or _requires_quota(sub) for sub in dependant.dependencies
-    )
