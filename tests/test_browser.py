@@ -21,9 +21,9 @@ CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.browser
 COLOURS = {
     "blue": "rgb(59, 130, 246)",
-    "yellow": "rgb(234, 179, 8)",
-    "orange": "rgb(249, 115, 22)",
-    "red": "rgb(239, 68, 68)",
+    "yellow": "rgb(183, 121, 31)",
+    "orange": "rgb(234, 88, 12)",
+    "red": "rgb(220, 38, 38)",
 }
 
 

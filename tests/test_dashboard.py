@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,7 +13,9 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.testclient import TestClient
 
+import usage_guard.dashboard
 from usage_guard import Plan, Subject, UsageGuard, usage_app
+from usage_guard.dashboard import formatting
 
 MakeGuard = Callable[..., UsageGuard]
 
@@ -300,6 +304,60 @@ def test_sync_guard_and_plain_callables_work(
 
 def test_unreachable_redis_is_a_503(serve: Callable[..., TestClient]) -> None:
     guard = UsageGuard.from_url("redis://127.0.0.1:1/0", timeout=0.2)
-    response = serve(mounted(guard), guard).get("/settings/usage/", headers=ALICE)
+    client = serve(mounted(guard), guard)
+    response = client.get("/settings/usage/", headers=ALICE)
     assert (response.status_code, response.headers["content-type"]) == (503, PROBLEM)
+    assert response.headers["retry-after"] == "5"
+    # A browser gets a page that says so, and comes back by itself.
+    page = client.get("/settings/usage/", headers={**ALICE, "accept": "text/html"})
+    assert page.status_code == 503 and page.headers["content-type"].startswith("text/html")
+    assert page.headers["retry-after"] == "5"
+    assert "Usage data cannot be read right now" in page.text
+    assert '<meta http-equiv="refresh" content="5">' in page.text
     guard.close()
+
+
+def test_every_bar_colour_meets_three_to_one_against_its_track() -> None:
+    """WCAG 1.4.11: a bar is meaningful graphics, so its fill needs 3:1 next to the track."""
+    style = (Path(usage_guard.dashboard.__file__).parent / "templates" / "style.html").read_text()
+    colours = dict(re.findall(r"--([a-z]+): (#[0-9a-f]{6});", style))
+
+    def luminance(hex_colour: str) -> float:
+        channels = [int(hex_colour[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+        r, g, b = (c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels)
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    track = luminance(colours["track"])
+    for status in ("blue", "yellow", "orange", "red"):
+        ratio = (track + 0.05) / (luminance(colours[status]) + 0.05)
+        assert ratio >= 3, (status, colours[status], round(ratio, 2))
+
+
+def test_each_monthly_meter_says_when_it_resets_by_the_guards_clock(
+    client: TestClient,
+) -> None:
+    """The test clock reads 2026-11-15T12:00Z: December starts in 15.5 days."""
+    page = client.get("/settings/usage/", headers={**ALICE, **HTML}).text
+    emails = page[page.index('data-metric="emails"') :].split("</li>")[0]
+    assert "Resets in 16 days" in emails
+    contacts = page[page.index('data-metric="contacts"') :].split("</li>")[0]
+    assert "Resets" not in contacts  # cumulative: never
+
+
+@pytest.mark.parametrize(
+    ("seconds", "said"),
+    [
+        (0, "resets now"),
+        (1, "resets in 1 hour"),
+        (5 * 3600, "resets in 5 hours"),
+        (86_400, "resets in 1 day"),
+        (86_401, "resets in 2 days"),
+    ],
+)
+def test_resets_in(seconds: int, said: str) -> None:
+    now = datetime(2026, 11, 30, 12, tzinfo=timezone.utc)
+    assert formatting.resets_in(now + timedelta(seconds=seconds), now) == said
+
+
+def test_large_percentages_have_thousands_separators() -> None:
+    assert (formatting.percent(1250.5), formatting.percent(85.0)) == ("1,250.5%", "85%")

@@ -137,7 +137,7 @@ def _bar(percent: float | None, status: str, colour: bool) -> str:
 
 
 def _percent(percent: float | None) -> str:
-    return "unlimited" if percent is None else f"{percent:.2f}%"
+    return "unlimited" if percent is None else f"{percent:,.2f}%"
 
 
 def _meter_line(meter: MeterReport | PersonalMeterReport, colour: bool, width: int) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -38,7 +39,7 @@ from ..catalog import DEFAULT_CATALOG, Catalog
 from ..errors import BackendUnavailable, InvalidUsage
 from ..guard import UsageGuard
 from ..plans import MAX_VALUE
-from ..problem import Problem, Refused, client_error, refused
+from ..problem import OUTAGE_RETRY_AFTER, Problem, Refused, client_error, refused
 from ..report import Report
 from ..subject import Subject
 from ..web import Identify as Identify  # re-exported by usage_guard.dashboard
@@ -61,13 +62,18 @@ _TEMPLATES.filters.update(
     month=formatting.month,
     day=formatting.day,
     period_range=formatting.period_range,
+    resets_in=formatting.resets_in,
 )
 _TEMPLATES.globals.update(chart=charts.chart)
 
 
 _BODY = "send a JSON object, or an HTML form (application/x-www-form-urlencoded)"
-UNAVAILABLE = client_error(
+_UNREADABLE = client_error(
     503, "Service unavailable", "usage data is unavailable, try again shortly"
+)
+#: Redis cannot be read: the page's 503, as a problem (an HTML page for a browser).
+UNAVAILABLE = Problem(
+    503, [*_UNREADABLE.headers, ("retry-after", str(OUTAGE_RETRY_AFTER))], _UNREADABLE.body
 )
 
 
@@ -188,6 +194,7 @@ def usage_app(
                 base=_page_path(request),
                 plans=aguard.calls.plans.names,
                 catalog=aguard.catalog,
+                now=aguard.calls.clock(),
             ),
             headers={"Vary": "Accept"},
         )
@@ -267,6 +274,12 @@ def usage_app(
             except InvalidUsage as error:
                 return _response(client_error(422, "Invalid value", str(error)))
             except BackendUnavailable:
+                if request.method == "GET" and _wants_html(request):
+                    html = _TEMPLATES.get_template("unavailable.html").render(
+                        title=title, retry_after=OUTAGE_RETRY_AFTER
+                    )
+                    headers = {"Retry-After": str(OUTAGE_RETRY_AFTER), "Vary": "Accept"}
+                    return HTMLResponse(html, status_code=503, headers=headers)
                 return _response(UNAVAILABLE)
 
         return endpoint
@@ -298,9 +311,11 @@ def render(
     base: str = "/",
     plans: tuple[str, ...] = (),
     catalog: Catalog = DEFAULT_CATALOG,
+    now: datetime | None = None,
 ) -> str:
     """The Usage page as HTML. ``base`` is the app's path, where the admin forms post;
-    ``plans`` and ``catalog`` fill the admin forms' choices."""
+    ``plans`` and ``catalog`` fill the admin forms' choices; ``now`` (the guard's clock)
+    says when monthly meters reset."""
     return _TEMPLATES.get_template("usage.html").render(
         report=report,
         title=title,
@@ -308,4 +323,5 @@ def render(
         base=base.rstrip("/"),
         plans=plans,
         catalog=catalog,
+        now=now or datetime.now(timezone.utc),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta
 
 _COUNT_STEPS = ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "K"))
@@ -44,8 +45,20 @@ def figure(value: int, unit: str) -> str:
 
 
 def percent(value: float) -> str:
-    """``85%``, ``79.99%``: the report's two decimals without trailing zeros."""
-    return f"{value:.2f}".rstrip("0").rstrip(".") + "%"
+    """``85%``, ``79.99%``, ``1,250%``: the report's two decimals without trailing zeros."""
+    return f"{value:,.2f}".rstrip("0").rstrip(".") + "%"
+
+
+def resets_in(moment: datetime, now: datetime) -> str:
+    """``resets in 12 days``, ``resets in 5 hours``: when a monthly meter starts again."""
+    seconds = (moment - now).total_seconds()
+    if seconds <= 0:
+        return "resets now"
+    hours = math.ceil(seconds / 3600)
+    if hours < 24:
+        return f"resets in {hours} hour{'' if hours == 1 else 's'}"
+    days = math.ceil(seconds / 86400)
+    return f"resets in {days} day{'' if days == 1 else 's'}"
 
 
 def month(key: str) -> str:
