@@ -361,3 +361,27 @@ def test_resets_in(seconds: int, said: str) -> None:
 
 def test_large_percentages_have_thousands_separators() -> None:
     assert (formatting.percent(1250.5), formatting.percent(85.0)) == ("1,250.5%", "85%")
+
+
+def test_history_charts_follow_the_help_center_with_limits_and_readable_points(
+    client: TestClient,
+) -> None:
+    page = client.get("/settings/usage/", headers={**ALICE, **HTML}).text
+    order = re.findall(r'<figure class="card chart" data-metric="([a-z_]+)"', page)
+    assert order == ["emails", "ai_tokens", "contacts", "storage"]
+    emails = page[page.index('<figure class="card chart" data-metric="emails"') :]
+    emails = emails.split("</figure>")[0]
+    assert '<line class="limit"' in emails and "<title>Limit: 20 K emails</title>" in emails
+    points = re.findall(r'<circle class="point"[^>]*><title>([^<]+)</title>', emails)
+    assert len(points) == 6 and points[-1] == "Nov: 18.5 K emails"
+
+
+def test_an_empty_org_draws_flat_lines_on_the_baseline(
+    guard: UsageGuard, serve: Callable[..., TestClient]
+) -> None:
+    client = serve(mounted(guard.aio), guard)
+    page = client.get("/settings/usage/", headers={"x-org-id": "newco", **HTML}).text  # no use
+    storage = page[page.index('<figure class="card chart" data-metric="storage"') :]
+    storage = storage.split("</figure>")[0]
+    assert 'class="y-max' not in storage  # no "0" sitting on the top gridline
+    assert set(re.findall(r'cy="([0-9.]+)"', storage)) == {"154.0"}  # all on the baseline

@@ -173,7 +173,10 @@ class Report:
         history = History(
             periods=usage.periods,
             series={name: meter.history for name, meter in usage.meters.items()},
-            charted=tuple(m.name for m in catalog if m.charted),
+            # The help center's order: activity first (emails, AI tokens), then totals.
+            charted=tuple(
+                m.name for m in sorted(catalog, key=lambda m: not m.monthly) if m.charted
+            ),
         )
         return cls(
             organization=usage.org,
