@@ -385,3 +385,45 @@ def test_an_empty_org_draws_flat_lines_on_the_baseline(
     storage = storage.split("</figure>")[0]
     assert 'class="y-max' not in storage  # no "0" sitting on the top gridline
     assert set(re.findall(r'cy="([0-9.]+)"', storage)) == {"154.0"}  # all on the baseline
+
+
+def test_an_admin_sees_each_members_consumption_in_one_more_round_trip(
+    guard: UsageGuard, serve: Callable[..., TestClient]
+) -> None:
+    for n in range(30):
+        guard.consume("acme", "ai_tokens", 100 + n, user=f"member{n:02d}")
+    guard.set_budget("acme", "member29", "ai_tokens", 500)
+    guard.set_budget("acme", "alice", "ai_tokens", 900_000)
+    guard.set_limit("acme", "users", 25)
+    client = serve(mounted(guard.aio), guard)
+    page = client.get("/settings/usage/", headers={**ADMIN, **HTML}).text
+    table = page[page.index('<table class="team-table" data-metric="ai_tokens"') :]
+    table = table.split("</table>")[0]
+    rows = re.findall(r'<tr><th scope="row">([^<]+)</th><td class="num">([^<]+)</td>', table)
+    assert len(rows) == 20  # the top 20 whatever the team's size
+    assert rows[0] == ("alice", "850 K tokens") and rows[1] == ("member29", "129 tokens")
+    assert "500 tokens" in table and "Shared pool" in table
+    # The admin forms show what is set now: the first metric's limit, alice's budget.
+    assert re.search(r'id="limit-value"[^>]*value="25"', page)
+    assert re.search(r'id="budget-value"[^>]*value="900000"', page)
+    # A member who is not an admin sees no one else.
+    assert (
+        '<table class="team-table"'
+        not in client.get("/settings/usage/", headers={**ALICE, **HTML}).text
+    )
+
+
+def test_members_reads_every_member_in_one_call_whatever_the_team_size(
+    guard: UsageGuard,
+) -> None:
+    for n in range(300):
+        guard.consume("acme", "ai_tokens", 1 + n % 7, user=f"m{n:03d}")
+    reservation = guard.reserve("acme", "ai_tokens", 50, user="newcomer")  # no count yet
+    members = guard.members("acme", top=3)["ai_tokens"]
+    assert [(m.user, m.used) for m in members] == [
+        ("alice", 850_000),
+        ("newcomer", 50),
+        ("m006", 7),
+    ]
+    reservation.cancel()
+    assert [m.user for m in guard.members("acme", top=2)["ai_tokens"]] == ["alice", "m006"]

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from .report import Report
     from .reservations import AsyncReservation, Reservation
     from .subject import Subject
-    from .usage import MeterUsage, PersonalUsage, Usage
+    from .usage import MemberUsage, MeterUsage, PersonalUsage, Usage
 
 #: Where each public name lives.
 _EXPORTS = {
@@ -82,6 +82,7 @@ _EXPORTS = {
     "Subject": "subject",
     "MeterUsage": "usage",
     "PersonalUsage": "usage",
+    "MemberUsage": "usage",
     "Usage": "usage",
 }
 
@@ -97,6 +98,7 @@ __all__ = [
     "InvalidAmount",
     "InvalidIdentifier",
     "InvalidUsage",
+    "MemberUsage",
     "MeterUsage",
     "Metric",
     "NotBound",

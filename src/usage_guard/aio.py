@@ -20,7 +20,7 @@ from .report import Report
 from .reservations import AsyncReservation
 from .runtime import Runtime
 from .storage import Backend
-from .usage import Usage
+from .usage import MemberUsage, Usage
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -235,6 +235,11 @@ class AsyncUsageGuard:
     async def usage(self, org: str, user: str | None = None) -> Usage:
         """Every meter of an org (and a user's personal meters), with history: one round trip."""
         return await self._run(self.calls.usage(org, user))
+
+    async def members(self, org: str, top: int = 20) -> dict[str, tuple[MemberUsage, ...]]:
+        """Per personal metric, the ``top`` members by use this period, with their budgets
+        (None: the shared pool): one round trip whatever the team's size."""
+        return await self._run(self.calls.members(org, top))
 
     async def report(self, org: str, user: str | None = None) -> Report:
         """The Usage page's data (``.to_dict()`` is its JSON): one round trip."""

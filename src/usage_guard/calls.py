@@ -25,7 +25,7 @@ from .periods import Clock, Period, utc_now
 from .plans import UNLIMITED, Plan, Plans, admitted, check_limit, check_value
 from .replies import Events, Replies, nothing
 from .reservations import Ticket, check_reservation_ttl
-from .usage import Usage
+from .usage import MemberUsage, Usage
 
 T = TypeVar("T")
 Amounts = Mapping[str, int]
@@ -518,4 +518,18 @@ class Calls:
                 self.replies.usage(org, user, period, window, fields, keys, reply),
                 (),
             ),
+        )
+
+    def members(self, org: str, top: int) -> Call[dict[str, tuple[MemberUsage, ...]]]:
+        """Per personal metric, the ``top`` members by use this period (budgets too)."""
+        space = KeySpace.of(self.prefix, org)
+        period, _, now_ms = self.time.now()
+        own = space.personal(period.key)
+        keys = [space.org, space.budgets, space.reservations, space.held, own]
+        personal = [m.name for m in self.catalog.personal()]
+        return Call(
+            "members",
+            keys,
+            [now_ms],
+            lambda reply: (self.replies.members(own, personal, top, reply), ()),
         )

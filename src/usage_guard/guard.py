@@ -24,7 +24,7 @@ from .reservations import Reservation
 from .runtime import BackendErrorPolicy, Breaker, Runtime, node_name
 from .settling import Settler
 from .storage import Backend
-from .usage import Usage
+from .usage import MemberUsage, Usage
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -322,6 +322,11 @@ class UsageGuard:
     def usage(self, org: str, user: str | None = None) -> Usage:
         """Every meter of an org (and a user's personal meters), with history: one round trip."""
         return self._run(self.calls.usage(org, user))
+
+    def members(self, org: str, top: int = 20) -> dict[str, tuple[MemberUsage, ...]]:
+        """Per personal metric, the ``top`` members by use this period, with their budgets
+        (None: the shared pool): one round trip whatever the team's size."""
+        return self._run(self.calls.members(org, top))
 
     def report(self, org: str, user: str | None = None) -> Report:
         """The Usage page's data (``.to_dict()`` is its JSON): one round trip."""

@@ -10,9 +10,10 @@ from .catalog import Catalog, Metric
 from .decision import Decision, Scope, ThresholdEvent
 from .errors import CorruptedCounter
 from .faults import LateReply
+from .keys import decode_id
 from .periods import Period
 from .plans import Plans, admitted
-from .usage import MeterUsage, PersonalUsage, Usage
+from .usage import MemberUsage, MeterUsage, PersonalUsage, Usage
 
 Events = tuple[ThresholdEvent, ...]
 #: A scope as an idempotency record stores it: by its initial (see lua/consume.lua).
@@ -191,6 +192,38 @@ class Replies:
             for (m, field), budget, value in zip(fields, reply[1], reply[2], strict=True)
         }
         return Usage(org, user, None if plan is None else plan.name, period, window, meters, mine)
+
+    def members(
+        self, key: str, metrics: Sequence[str], top: int, reply: Any
+    ) -> dict[str, tuple[MemberUsage, ...]]:
+        """members.lua's reply: per personal metric, the ``top`` members by use (held
+        estimates included), then by user id; those with a budget and no use too."""
+        counts, budgets, held = (_pairs(part) for part in reply)
+        base = key[key.index("}:") + 2 :]  # the hash's name after the org's base: u:<YYYY-MM>
+        found: dict[str, dict[str, list[int | None]]] = {metric: {} for metric in metrics}
+        # A member whose only use is an open reservation's estimate has no count yet.
+        held_here = {name[len(base) + 1 :] for name in held if name.startswith(base + ":")}
+        for field in counts.keys() | held_here:
+            user, _, metric = field.rpartition(":")
+            if metric in found:
+                try:
+                    used = int(counts.get(field, 0)) + int(held.get(f"{base}:{field}", 0))
+                except ValueError:
+                    raise CorruptedCounter(key, field) from None
+                found[metric].setdefault(user, [0, None])[0] = used
+        for field, value in budgets.items():
+            user, _, metric = field.rpartition(":")
+            if metric in found:
+                found[metric].setdefault(user, [0, None])[1] = int(value)
+        return {
+            metric: tuple(
+                MemberUsage(decode_id(user), int(used or 0), budget)
+                for user, (used, budget) in sorted(
+                    users.items(), key=lambda item: (-(item[1][0] or 0), item[0])
+                )[:top]
+            )
+            for metric, users in found.items()
+        }
 
 
 def nothing(reply: Any) -> tuple[None, Events]:

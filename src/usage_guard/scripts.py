@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from importlib import resources
 
-SCRIPTS = ("consume", "adjust", "read", "admin", "ratelimit", "clock")
+SCRIPTS = ("consume", "adjust", "read", "members", "admin", "ratelimit", "clock")
 
 
 def _load_scripts() -> dict[str, str]:

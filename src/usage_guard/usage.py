@@ -41,3 +41,13 @@ class Usage:
     periods: tuple[Period, ...]
     meters: Mapping[str, MeterUsage]
     personal: Mapping[str, PersonalUsage]
+
+
+@dataclass(frozen=True, slots=True)
+class MemberUsage:
+    """One member's consumption of a personal metric this period; ``budget`` None = the
+    shared pool."""
+
+    user: str
+    used: int
+    budget: int | None

@@ -42,6 +42,7 @@ from ..plans import MAX_VALUE
 from ..problem import OUTAGE_RETRY_AFTER, Problem, Refused, client_error, refused
 from ..report import Report
 from ..subject import Subject
+from ..usage import MemberUsage
 from ..web import Identify as Identify  # re-exported by usage_guard.dashboard
 from . import charts, formatting
 
@@ -67,6 +68,8 @@ _TEMPLATES.filters.update(
 _TEMPLATES.globals.update(chart=charts.chart)
 
 
+#: Members an admin sees per personal metric, the heaviest users first.
+MEMBERS_TOP = 20
 _BODY = "send a JSON object, or an HTML form (application/x-www-form-urlencoded)"
 _UNREADABLE = client_error(
     503, "Service unavailable", "usage data is unavailable, try again shortly"
@@ -186,9 +189,11 @@ def usage_app(
         if request.url.path.endswith(".json") or not _wants_html(request):
             return JSONResponse(report.to_dict(), headers={"Vary": "Accept"})
         administrator = is_admin is not None and bool(await _resolve(is_admin(request, subject)))
+        members = await aguard.members(subject.org, MEMBERS_TOP) if administrator else None
         return HTMLResponse(
             render(
                 report,
+                members=members,
                 title=title,
                 admin=administrator,
                 base=_page_path(request),
@@ -312,10 +317,12 @@ def render(
     plans: tuple[str, ...] = (),
     catalog: Catalog = DEFAULT_CATALOG,
     now: datetime | None = None,
+    members: Mapping[str, tuple[MemberUsage, ...]] | None = None,
 ) -> str:
     """The Usage page as HTML. ``base`` is the app's path, where the admin forms post;
     ``plans`` and ``catalog`` fill the admin forms' choices; ``now`` (the guard's clock)
-    says when monthly meters reset."""
+    says when monthly meters reset; ``members`` (:meth:`UsageGuard.members`) is the team's
+    breakdown an admin sees."""
     return _TEMPLATES.get_template("usage.html").render(
         report=report,
         title=title,
@@ -324,4 +331,6 @@ def render(
         plans=plans,
         catalog=catalog,
         now=now or datetime.now(timezone.utc),
+        members=members,
+        members_top=MEMBERS_TOP,
     )
