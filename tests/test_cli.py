@@ -74,7 +74,7 @@ def test_show_prints_the_period_and_a_table_of_meters(
     }
     assert "85.00%" in lines["AI tokens"] and "850 K / 1 M tokens" in lines["AI tokens"]
     assert "95.00%" in lines["Emails sent"] and "19 K / 20 K emails" in lines["Emails sent"]
-    assert "3.4 GB / 10 GB" in lines["Storage (bytes)"]
+    assert "3.4 GB / 10 GB" in lines["Storage"]
     assert "unlimited" in lines["API calls"]
     assert "My Usage (alice)" in out
     assert "shared pool" in lines["Enrichments"] and "unlimited" not in lines["Enrichments"]

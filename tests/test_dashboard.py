@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -427,3 +428,22 @@ def test_members_reads_every_member_in_one_call_whatever_the_team_size(
     ]
     reservation.cancel()
     assert [m.user for m in guard.members("acme", top=2)["ai_tokens"]] == ["alice", "m006"]
+
+
+def test_the_demo_org_looks_like_a_real_one() -> None:
+    """Growth, a dip, a flat meter and one taken up two months ago."""
+    from usage_guard.demo import demo_guard
+
+    guard = demo_guard(f"memory://demo-{uuid.uuid4().hex}")
+    series = guard.report("acme").history.series
+    guard.close()
+    assert list(series["ai_tokens"]) == sorted(series["ai_tokens"])  # growth
+    assert series["emails"][2] < series["emails"][1]  # a dip
+    assert max(series["storage"]) < 1.05 * min(series["storage"])  # flat
+    assert series["workflow_executions"][:3] == (0, 0, 0) and series["workflow_executions"][3]
+
+
+def test_storage_is_labelled_once_and_shown_in_its_unit(client: TestClient) -> None:
+    page = client.get("/settings/usage/", headers={**ALICE, **HTML}).text
+    storage = page[page.index('data-metric="storage"') :].split("</li>")[0]
+    assert ">Storage</span>" in storage and "3.4 GB" in storage and "bytes" not in storage

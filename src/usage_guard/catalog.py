@@ -126,7 +126,8 @@ DEFAULT_CATALOG = Catalog(
         Metric("users", "Users", "core_limits", "never", "hard", "users"),
         Metric("contacts", "Contacts", "core_limits", "never", "soft", "contacts", charted=True),
         Metric("companies", "Companies", "core_limits", "never", "soft", "companies"),
-        Metric("storage", "Storage (bytes)", "core_limits", "never", "hard", "bytes", charted=True),
+        # Its unit formats its values (3.4 GB): the label needs none.
+        Metric("storage", "Storage", "core_limits", "never", "hard", "bytes", charted=True),
         Metric("emails", "Emails sent", "monthly_activity", unit="emails", charted=True),
         Metric(
             "ai_tokens", "AI tokens", "monthly_activity", unit="tokens", personal=True, charted=True

@@ -94,8 +94,15 @@ CURRENT = {
     "lead_captures": 860,
     "api_calls": 48_210,
 }
-#: Each earlier month as a share of this one, oldest first: a growing team.
+#: Each earlier month as a share of this one, oldest first: a growing team...
 TREND = (0.42, 0.51, 0.58, 0.66, 0.79)
+#: ...except for meters that look like a real org's do: a dip (a holiday month), a
+#: flat one, and a feature the org took up two months ago.
+TRENDS = {
+    "emails": (0.61, 0.74, 0.52, 0.69, 0.88),
+    "storage": (0.97, 0.98, 0.98, 0.99, 1.0),
+    "workflow_executions": (0.0, 0.0, 0.0, 0.35, 0.71),
+}
 #: How this month's personal metrics split between users; the rest is everyone else's.
 PERSONAL = {
     "alice": {"ai_tokens": 164_000, "enrichments": 340},
@@ -121,19 +128,21 @@ def seed(guard: UsageGuard, clock: SeedClock, org: str = DEMO_ORG) -> None:
         guard.set_budget(org, user, metric, budget)
     now = utc_now()
     current = Period.containing(now)
-    months = [(current.shift(-len(TREND) + i), share) for i, share in enumerate(TREND)]
+    months = [current.shift(i - len(TREND)) for i in range(len(TREND))]
     try:
-        for period, share in [*months, (current, 1.0)]:
+        for index, period in enumerate([*months, current]):
             # Mid-month in the past; now for the current month.
             clock.moment = period.start + timedelta(days=14) if period != current else now
-            _seed_month(guard, org, share)
+            _seed_month(guard, org, index)
     finally:
         clock.moment = None
 
 
-def _seed_month(guard: UsageGuard, org: str, share: float) -> None:
+def _seed_month(guard: UsageGuard, org: str, index: int) -> None:
+    """The ``index``-th of the six months (the last is the current one)."""
     catalog = guard.catalog
     for name, total in CURRENT.items():
+        share = (*TRENDS.get(name, TREND), 1.0)[index]
         amount = int(total * share)
         metric = catalog[name]
         if not metric.monthly:
