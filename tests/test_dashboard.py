@@ -315,6 +315,8 @@ def test_unreachable_redis_is_a_503(serve: Callable[..., TestClient]) -> None:
     assert page.headers["retry-after"] == "5"
     assert "Usage data cannot be read right now" in page.text
     assert '<meta http-equiv="refresh" content="5">' in page.text
+    report = client.get("/settings/usage/report.json", headers={**ALICE, "accept": "text/html"})
+    assert report.headers["content-type"] == PROBLEM  # .json asks for JSON whatever it accepts
     guard.close()
 
 

@@ -279,7 +279,11 @@ def usage_app(
             except InvalidUsage as error:
                 return _response(client_error(422, "Invalid value", str(error)))
             except BackendUnavailable:
-                if request.method == "GET" and _wants_html(request):
+                if (
+                    request.method == "GET"
+                    and not request.url.path.endswith(".json")
+                    and _wants_html(request)
+                ):
                     html = _TEMPLATES.get_template("unavailable.html").render(
                         title=title, retry_after=OUTAGE_RETRY_AFTER
                     )
