@@ -87,13 +87,20 @@ def test_a_late_consumption_under_fail_open_is_counted_past_the_cap(
     assert guard.usage("acme").meters["ai_tokens"].used == 11
 
 
-def test_thresholds_a_late_call_crossed_are_reported_by_the_next_denial(
-    make_guard: MakeGuard,
-) -> None:
+def filled_by_a_late_call(make_guard: MakeGuard) -> tuple[UsageGuard, list[ThresholdEvent]]:
+    """A guard whose org's emails a late call filled (it reports no threshold), and the
+    threshold events its listener hears."""
     guard = make_guard(plans=PLANS, default_plan="free")
     events: list[ThresholdEvent] = []
     guard.on_threshold(events.append)
     run_late(guard, guard.calls.consume("acme", "emails", 10, user=None))
+    return guard, events
+
+
+def test_thresholds_a_late_call_crossed_are_reported_by_the_next_denial(
+    make_guard: MakeGuard,
+) -> None:
+    guard, events = filled_by_a_late_call(make_guard)
     guard.close()  # delivers the events
     assert events == []
     denied = guard.consume("acme", "emails")
@@ -352,10 +359,7 @@ def test_a_paused_server_charges_no_refused_call_and_every_served_call_it_ran(
 def test_a_check_that_finds_the_meter_full_reports_and_records_nothing(
     make_guard: MakeGuard,
 ) -> None:
-    guard = make_guard(plans=PLANS, default_plan="free")
-    events: list[ThresholdEvent] = []
-    guard.on_threshold(events.append)
-    run_late(guard, guard.calls.consume("acme", "emails", 10, user=None))
+    guard, events = filled_by_a_late_call(make_guard)
     before = keys_and_values(guard)
     assert not guard.check("acme", "emails").allowed
     guard.close()

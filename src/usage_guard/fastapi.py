@@ -69,14 +69,10 @@ QUOTA_RESPONSE: dict[str, Any] = {
 }
 
 
-def _problem(description: str, status: int, **headers: str) -> dict[str, Any]:
+def _problem(description: str, status: int) -> dict[str, Any]:
     """The OpenAPI description of an RFC 9457 problem answer."""
     return {
         "description": description,
-        "headers": {
-            name.replace("_", "-"): {"schema": {"type": "integer"}, "description": text}
-            for name, text in headers.items()
-        },
         "content": {
             PROBLEM_JSON: {
                 "schema": {
@@ -96,20 +92,27 @@ def _problem(description: str, status: int, **headers: str) -> dict[str, Any]:
 
 #: What the middleware answers a request whose organization or user id it cannot accept
 #: (a problem), and FastAPI one whose body it cannot parse (``{"detail": ...}``).
-INVALID_IDENTITY_RESPONSE = _problem(
+_INVALID = _problem(
     "The organization or user id is not valid (or, from FastAPI, the body is not).", 400
 )
-INVALID_IDENTITY_RESPONSE["content"]["application/json"] = {
-    "schema": {"type": "object", "properties": {"detail": {"type": "string"}}}
+INVALID_IDENTITY_RESPONSE = {
+    **_INVALID,
+    "content": {
+        **_INVALID["content"],
+        "application/json": {
+            "schema": {"type": "object", "properties": {"detail": {"type": "string"}}}
+        },
+    },
 }
 #: An anonymous request where an identity is needed (``require_identity``, ``require()``).
 UNAUTHORIZED_RESPONSE = _problem("This request needs an identified organization.", 401)
 #: Redis is down and a metric of the request fails closed.
-UNAVAILABLE_RESPONSE = _problem(
-    "Usage cannot be checked now and this metric fails closed.",
-    503,
-    Retry_After="Seconds before trying again.",
-)
+UNAVAILABLE_RESPONSE = {
+    **_problem("Usage cannot be checked now and this metric fails closed.", 503),
+    "headers": {
+        "Retry-After": {"schema": {"type": "integer"}, "description": "Seconds before retrying."}
+    },
+}
 
 
 def install(app: FastAPI, *, guard: AnyGuard, identify: Identify, **options: Any) -> None:

@@ -108,6 +108,13 @@ class KeySpace:
 _cached_space = lru_cache(maxsize=65536)(KeySpace)
 
 
+def counter_id(key: str, field: str = "") -> str:
+    """How ``held`` names a counter (see lua/_reservations.lua): its hash's key after the
+    org's base, then ``:`` and its field; without a field, the prefix of that hash's
+    counters. An encoded org id holds no ``}``, so the base ends at the first ``}:``."""
+    return f"{key[key.index('}:') + 2 :]}:{field}"
+
+
 def personal_field(user_id: str, metric: str) -> str:
     """A user's field in the budgets hash and in the personal counts' hashes."""
     return f"{user_id}:{metric}"

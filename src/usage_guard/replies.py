@@ -10,7 +10,7 @@ from .catalog import Catalog, Metric
 from .decision import Decision, Scope, ThresholdEvent
 from .errors import CorruptedCounter
 from .faults import LateReply
-from .keys import decode_id
+from .keys import counter_id, decode_id
 from .periods import Period
 from .plans import Plans, admitted
 from .usage import MemberUsage, MeterUsage, PersonalUsage, Usage
@@ -145,11 +145,10 @@ class Replies:
         ``fields``: each personal metric and its field. What open reservations hold
         counts too, found in 'held' under each counter's name (see lua/_reservations.lua)."""
         org_key, personal_key, month_keys = keys[0], keys[4], keys[5:]
-        base = len(org_key) - len("org")
 
         def count(key: str, field: str, value: str | None) -> int:
             try:
-                return int(value or 0) + held.get(f"{key[base:]}:{field}", 0)
+                return int(value or 0) + held.get(counter_id(key, field), 0)
             except ValueError:
                 raise CorruptedCounter(key, field) from None
 
@@ -199,15 +198,15 @@ class Replies:
         """members.lua's reply: per personal metric, the ``top`` members by use (held
         estimates included), then by user id; those with a budget and no use too."""
         counts, budgets, held = (_pairs(part) for part in reply)
-        base = key[key.index("}:") + 2 :]  # the hash's name after the org's base: u:<YYYY-MM>
+        prefix = counter_id(key)
         found: dict[str, dict[str, list[int | None]]] = {metric: {} for metric in metrics}
         # A member whose only use is an open reservation's estimate has no count yet.
-        held_here = {name[len(base) + 1 :] for name in held if name.startswith(base + ":")}
+        held_here = {name.removeprefix(prefix) for name in held if name.startswith(prefix)}
         for field in counts.keys() | held_here:
             user, _, metric = field.rpartition(":")
             if metric in found:
                 try:
-                    used = int(counts.get(field, 0)) + int(held.get(f"{base}:{field}", 0))
+                    used = int(counts.get(field, 0)) + int(held.get(counter_id(key, field), 0))
                 except ValueError:
                     raise CorruptedCounter(key, field) from None
                 found[metric].setdefault(user, [0, None])[0] = used
