@@ -204,3 +204,16 @@ def test_many_concurrent_async_consumptions_admit_exactly_the_limit(
     assert sum(d.allowed for d in decisions) == 150
     assert sorted(d.used for d in decisions if d.allowed) == list(range(1, 151))
     assert guard.usage("acme").meters["emails"].used == 150
+
+
+def test_the_async_guard_serves_one_event_loop_after_another(make_guard: MakeGuard) -> None:
+    """As asgiref runs each async view of a WSGI app (Django, Flask): a loop per call,
+    closed after it without ``aclose()``. Each loop's connection closes with its loop."""
+    guard = make_guard(plans=PLANS, default_plan="free")
+
+    async def send_one() -> bool:
+        decision = await guard.aio.consume("acme", "emails", 1)
+        return decision.allowed
+
+    assert [asyncio.run(send_one()) for _ in range(3)] == [True, True, True]
+    assert guard.usage("acme").meters["emails"].used == 3

@@ -398,7 +398,8 @@ def test_closing_a_cluster_guard_right_after_a_failure_closes_its_connections(
     async def scenario() -> None:
         await guard.aio.consume("acme", "emails")
         # As a failed call leaves redis-py's client until the next call: due to rediscover.
-        guard.backend.aio().client._initialize = True  # type: ignore[attr-defined]
+        scripts = await guard.backend.aio()._current()  # type: ignore[attr-defined]
+        scripts.client._initialize = True
         await guard.aio.aclose()
 
     asyncio.run(scenario())

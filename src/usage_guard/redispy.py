@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from contextvars import ContextVar
 from typing import Any, cast
 
@@ -498,3 +498,65 @@ class AsyncRedisScripts:
         await self.client.aclose()
         if pool is not None:
             await pool.disconnect()
+
+
+class PerLoopRedisScripts:
+    """One :class:`AsyncRedisScripts` per event loop, closed when its loop shuts down.
+
+    redis-py's async clients, their connections and locks belong to the loop that first
+    used them, and some applications run one loop after another: asgiref runs each
+    async view of a WSGI app (Django, Flask) in a loop of its own.
+    """
+
+    def __init__(self, make: Callable[[], AsyncRedisScripts]) -> None:
+        self._make = make
+        #: The loop used last and its scripts: the fast path while one loop makes every call.
+        self._last: tuple[asyncio.AbstractEventLoop, AsyncRedisScripts] | None = None
+        self._by_loop: dict[asyncio.AbstractEventLoop, AsyncRedisScripts] = {}
+        #: Each loop's finaliser (an async generator: asyncio.run closes them at shutdown).
+        self._closers: dict[asyncio.AbstractEventLoop, AsyncGenerator[None, None]] = {}
+
+    async def _current(self) -> AsyncRedisScripts:
+        loop = asyncio.get_running_loop()
+        last = self._last
+        if last is not None and last[0] is loop:
+            return last[1]
+        scripts = self._by_loop.get(loop)
+        if scripts is None:
+            scripts = self._by_loop[loop] = self._make()
+            closer = self._closers[loop] = self._until_shutdown(loop)
+            await anext(closer)
+        self._last = (loop, scripts)
+        return scripts
+
+    async def _until_shutdown(self, loop: asyncio.AbstractEventLoop) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            await self._forget(loop)
+
+    async def _forget(self, loop: asyncio.AbstractEventLoop) -> None:
+        scripts = self._by_loop.pop(loop, None)
+        self._closers.pop(loop, None)
+        if self._last is not None and self._last[0] is loop:
+            self._last = None
+        if scripts is not None:
+            await scripts.close()
+
+    async def run(
+        self,
+        script: str,
+        keys: list[str],
+        args: list[str | int],
+        wait: float | None = None,
+        deadline_arg: int | None = None,
+    ) -> Any:
+        scripts = await self._current()
+        return await scripts.run(script, keys, args, wait, deadline_arg)
+
+    async def command(self, *args: str | int) -> Any:
+        return await (await self._current()).command(*args)
+
+    async def close(self) -> None:
+        """Close the running loop's client (another loop's closes with that loop)."""
+        await self._forget(asyncio.get_running_loop())

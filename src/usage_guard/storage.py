@@ -28,7 +28,7 @@ from redis.retry import Retry
 from .errors import InvalidUsage
 from .health import redacted
 from .multiplexed import MultiplexedScripts
-from .redispy import AsyncCluster, AsyncRedisScripts, RedisScripts, budgeted
+from .redispy import AsyncCluster, AsyncRedisScripts, PerLoopRedisScripts, RedisScripts, budgeted
 from .runtime import Breaker
 from .wire import Endpoint, SocketScripts
 
@@ -180,13 +180,15 @@ class Backend:
             if self._endpoint is not None:
                 self._async = MultiplexedScripts(self._endpoint)
             else:
-                self._async = AsyncRedisScripts(
-                    self._async_client(),
-                    max_in_flight=self.max_connections,
-                    wait=self.timeout,
-                    # In-process fakeredis runs a call at once: none can outlive its caller.
-                    deadlines=self._server is None,
-                    breaker_of=self.breaker_of,
+                self._async = PerLoopRedisScripts(
+                    lambda: AsyncRedisScripts(
+                        self._async_client(),
+                        max_in_flight=self.max_connections,
+                        wait=self.timeout,
+                        # In-process fakeredis runs a call at once: none can outlive its caller.
+                        deadlines=self._server is None,
+                        breaker_of=self.breaker_of,
+                    )
                 )
         return self._async
 
