@@ -24,14 +24,17 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 import redis
 from starlette.testclient import TestClient
 
+import frameworks
 from scripted import ScriptedServer
 from usage_guard import UsageGuard
 from usage_guard.failures import Failures
@@ -346,3 +349,41 @@ def scripted() -> Iterator[Callable[..., ScriptedServer]]:
     yield start
     for server in servers:
         server.close()
+
+
+@pytest.fixture(params=frameworks.FRAMEWORKS)
+def framework(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def serve_stack(serve: Callable[..., TestClient]) -> Iterator[Callable[..., httpx2.Client]]:
+    """``serve_stack(framework, guard, app)`` for Starlette and Flask apps, or
+    ``serve_stack(framework, guard, **settings)`` for Django's handler under those
+    settings: an httpx client of it, closed (and the settings restored) after the test."""
+    with ExitStack() as stack:
+
+        def start(framework: str, guard: UsageGuard, app: Any = None, **settings: Any) -> Any:
+            if framework in frameworks.DJANGO_STACKS:
+                stack.enter_context(frameworks.django_settings(**settings))
+                app = frameworks.django_handler(framework)
+            if framework in ("starlette", "django-asgi"):
+                return serve(app, guard)
+            return stack.enter_context(frameworks.wsgi_client(app))
+
+        yield start
+
+
+@pytest.fixture
+def serve_page(
+    framework: str, serve_stack: Callable[..., httpx2.Client]
+) -> Callable[..., httpx2.Client]:
+    """``serve_page(guard, identify=..., is_admin=..., trusted_origins=...)``: the Usage page
+    at ``/settings/usage/`` under the test's ``framework``, and an httpx client for it."""
+
+    def start(guard: UsageGuard, **page: Any) -> httpx2.Client:
+        if framework in frameworks.DJANGO_STACKS:
+            return serve_stack(framework, guard, **frameworks.django_page_settings(guard, **page))
+        return serve_stack(framework, guard, frameworks.page_app(framework, guard, **page))
+
+    return start

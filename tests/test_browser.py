@@ -1,11 +1,14 @@
-"""A real headless Chromium on the running demo (``usage-guard demo``): colours, charts, forms.
+"""A real headless Chromium on the running demo (``usage-guard demo``): colours, charts, forms;
+and on the Flask and Django examples' pages.
 
 Screenshots at desktop and phone width land in ``test-artifacts/`` (gitignored).
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,11 +86,7 @@ def fill_colour(page: Page, section: str, metric: str) -> str:
     return str(page.eval_on_selector(selector, "e => getComputedStyle(e).backgroundColor"))
 
 
-def test_demo_page_in_chromium_desktop(browser: Browser, demo_url: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    response = page.goto(demo_url)
-    assert response is not None and response.status == 200
+def assert_usage_page_of_acme(page: Page) -> None:
     assert page.title() == "Usage · acme"
     assert [text.strip() for text in page.locator("h2").all_text_contents()][:4] == [
         "Plan overview",
@@ -95,6 +94,14 @@ def test_demo_page_in_chromium_desktop(browser: Browser, demo_url: str) -> None:
         "My Usage",
         "Usage history",
     ]
+
+
+def test_demo_page_in_chromium_desktop(browser: Browser, demo_url: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    response = page.goto(demo_url)
+    assert response is not None and response.status == 200
+    assert_usage_page_of_acme(page)
     # The seeded meters show every colour, as painted by the browser.
     assert fill_colour(page, "org-heading", "users") == COLOURS["blue"]
     assert fill_colour(page, "org-heading", "ai_tokens") == COLOURS["yellow"]
@@ -215,4 +222,67 @@ def test_the_pages_own_form_works_under_referrer_policy_no_referrer(
     page.route(demo_url, no_referrer)
     report = set_budget_with_the_form(page, demo_url, "erin", 700)
     assert report["personal"]["meters"][1]["budget"] == 700
+    context.close()
+
+
+#: The example apps, each serving the same Usage page through its framework's adapter.
+EXAMPLES = {
+    "flask": ["gunicorn", "-w", "1", "-b", "127.0.0.1:{port}", "examples.flask_app.app:app"],
+    "django": ["uvicorn", "--host", "127.0.0.1", "--port", "{port}",
+               "examples.django_app.asgi:application"],
+}  # fmt: skip
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", params=EXAMPLES)
+def example_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """An example app on memory:// in one worker, with some use through its API; the
+    URL of its Usage page."""
+    port = free_port()
+    command = [arg.format(port=port) for arg in EXAMPLES[request.param]]
+    env = {**os.environ, "USAGE_GUARD_URL": "memory://"}
+    process = subprocess.Popen([sys.executable, "-m", *command], cwd=ROOT, env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _up(f"{base}/health"), timeout=30, what=f"the {request.param} example")
+        alice = {"x-org-id": "acme", "x-user-id": "alice"}
+        for _ in range(85):
+            email = httpx.post(
+                f"{base}/v1/emails", json={"to": "a@x", "subject": "s"}, headers=alice
+            )
+            assert email.status_code == 200
+        yield f"{base}/settings/usage/"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_every_frameworks_page_in_chromium(
+    browser: Browser, example_url: str, request: pytest.FixtureRequest
+) -> None:
+    framework = request.node.callspec.params["example_url"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    response = page.goto(example_url)
+    assert response is not None and response.status == 200
+    assert_usage_page_of_acme(page)
+    bar = page.locator('[role="progressbar"][aria-labelledby="label-emails"]')
+    assert bar.get_attribute("aria-valuenow") == "85.0"
+    assert fill_colour(page, "org-heading", "emails") in COLOURS.values()
+    assert page.locator("svg.area-chart").count() == 4
+    assert page.locator("form").count() == 3  # the demo visitor is acme's admin
+    page.screenshot(path=str(ARTIFACTS / f"usage-{framework}-desktop.png"), full_page=True)
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.reload()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.screenshot(path=str(ARTIFACTS / f"usage-{framework}-phone.png"), full_page=True)
+    page.close()
+
+
+def test_every_frameworks_forms_work_without_javascript(browser: Browser, example_url: str) -> None:
+    """Django's forms carry its CSRF token; Flask's rely on the page's origin check."""
+    context = browser.new_context(java_script_enabled=False)
+    report = set_budget_with_the_form(context.new_page(), example_url, "dora", 1500)
+    [enrichments] = [m for m in report["personal"]["meters"] if m["metric"] == "enrichments"]
+    assert enrichments["budget"] == 1500
     context.close()

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -41,16 +42,16 @@ HTML = {"accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
 PROBLEM = "application/problem+json"
 
 
-def identify(request: Request) -> Subject | None:
+def identify(request: Any) -> Subject | None:
     org = request.headers.get("x-org-id")
     return Subject(org, request.headers.get("x-user-id")) if org else None
 
 
-async def is_admin(request: Request, subject: Subject) -> bool:
-    return request.headers.get("x-admin") == "1"
+def is_admin(request: Any, subject: Subject) -> bool:
+    return bool(request.headers.get("x-admin") == "1")
 
 
-def mounted(guard: Any) -> Starlette:
+def mounted(guard: Any, identify: Any = identify, is_admin: Any = is_admin) -> Starlette:
     app = Starlette()
     app.mount("/settings/usage", usage_app(guard, identify=identify, is_admin=is_admin))
     return app
@@ -70,11 +71,12 @@ def guard(make_guard: MakeGuard) -> UsageGuard:
 
 
 @pytest.fixture
-def client(guard: UsageGuard, serve: Callable[..., TestClient]) -> TestClient:
-    return serve(mounted(guard.aio), guard)
+def client(guard: UsageGuard, serve_page: Callable[..., httpx2.Client]) -> httpx2.Client:
+    """The page under each framework (Starlette, Flask, Django sync and async)."""
+    return serve_page(guard, identify=identify, is_admin=is_admin)
 
 
-def test_json_by_default_and_by_path(client: TestClient, guard: UsageGuard) -> None:
+def test_json_by_default_and_by_path(client: httpx2.Client, guard: UsageGuard) -> None:
     expected = guard.report("acme", user="alice").to_dict()
     for path, accept in [
         ("/settings/usage/", "application/json"),
@@ -89,7 +91,7 @@ def test_json_by_default_and_by_path(client: TestClient, guard: UsageGuard) -> N
     assert expected["plan"]["name"] == "pro"
 
 
-def test_html_page_shows_the_four_sections(client: TestClient) -> None:
+def test_html_page_shows_the_four_sections(client: httpx2.Client) -> None:
     response = client.get("/settings/usage/", headers={**ALICE, **HTML})
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
@@ -120,14 +122,14 @@ def test_html_page_shows_the_four_sections(client: TestClient) -> None:
     assert "<form" not in page
 
 
-def test_admin_page_has_forms_posting_under_the_mount(client: TestClient) -> None:
+def test_admin_page_has_forms_posting_under_the_mount(client: httpx2.Client) -> None:
     page = client.get("/settings/usage/", headers={**ADMIN, **HTML}).text
     for action in ("/plan", "/limits", "/budgets"):
         assert f'action="/settings/usage{action}"' in page
     assert '<label for="budget-user">' in page
 
 
-def test_unidentified_callers_get_401(client: TestClient) -> None:
+def test_unidentified_callers_get_401(client: httpx2.Client) -> None:
     response = client.get("/settings/usage/")
     assert response.status_code == 401
     assert response.headers["content-type"] == PROBLEM
@@ -147,7 +149,7 @@ def test_unidentified_callers_get_401(client: TestClient) -> None:
     ],
 )
 def test_admin_endpoints_refuse_non_admins(
-    client: TestClient, guard: UsageGuard, method: str, path: str, body: Any
+    client: httpx2.Client, guard: UsageGuard, method: str, path: str, body: Any
 ) -> None:
     before = guard.report("acme", user="alice").to_dict()
     response = client.request(method, "/settings/usage" + path, headers=ALICE, json=body)
@@ -157,7 +159,7 @@ def test_admin_endpoints_refuse_non_admins(
     assert guard.report("acme", user="alice").to_dict() == before
 
 
-def test_admin_sets_and_removes_a_budget(client: TestClient, guard: UsageGuard) -> None:
+def test_admin_sets_and_removes_a_budget(client: httpx2.Client, guard: UsageGuard) -> None:
     put = client.put("/settings/usage/budgets/bob/ai_tokens", headers=ADMIN, json={"budget": 5_000})
     assert (put.status_code, put.json()) == (
         200,
@@ -170,7 +172,7 @@ def test_admin_sets_and_removes_a_budget(client: TestClient, guard: UsageGuard) 
     assert (mine["budget"], mine["shared_pool"]) == (None, True)
 
 
-def test_admin_assigns_plans_and_overrides_limits(client: TestClient, guard: UsageGuard) -> None:
+def test_admin_assigns_plans_and_overrides_limits(client: httpx2.Client, guard: UsageGuard) -> None:
     assert (
         client.put("/settings/usage/plan", headers=ADMIN, json={"plan": "free"}).status_code == 200
     )
@@ -185,7 +187,7 @@ def test_admin_assigns_plans_and_overrides_limits(client: TestClient, guard: Usa
     assert guard.report("acme").meter("emails").limit == 100  # the free plan's again
 
 
-def test_html_forms_redirect_back_to_the_page(client: TestClient, guard: UsageGuard) -> None:
+def test_html_forms_redirect_back_to_the_page(client: httpx2.Client, guard: UsageGuard) -> None:
     form = {"user": "carol", "metric": "enrichments", "budget": "1,500"}
     response = client.post(
         "/settings/usage/budgets", headers=BROWSER_FORM, data=form, follow_redirects=False
@@ -207,7 +209,9 @@ def test_html_forms_redirect_back_to_the_page(client: TestClient, guard: UsageGu
     assert guard.report("acme").plan == "free"  # the default plan
 
 
-def test_forms_submitted_by_another_site_are_refused(client: TestClient, guard: UsageGuard) -> None:
+def test_forms_submitted_by_another_site_are_refused(
+    client: httpx2.Client, guard: UsageGuard
+) -> None:
     form = {"metric": "emails", "limit": "0"}
     for foreign in ({"origin": "https://evil.example"}, {"sec-fetch-site": "cross-site"}):
         refused = client.post("/settings/usage/limits", headers={**ADMIN, **foreign}, data=form)
@@ -219,7 +223,7 @@ def test_forms_submitted_by_another_site_are_refused(client: TestClient, guard: 
 
 
 def test_callers_only_ever_see_and_change_their_own_org(
-    client: TestClient, guard: UsageGuard
+    client: httpx2.Client, guard: UsageGuard
 ) -> None:
     beta_admin = {"x-org-id": "beta", "x-user-id": "mallory", "x-admin": "1"}
     acme_before = guard.report("acme", user="alice").to_dict()
@@ -274,7 +278,7 @@ def test_callers_only_ever_see_and_change_their_own_org(
     ],
 )
 def test_bad_input_is_a_problem_never_a_500(
-    client: TestClient, method: str, path: str, kwargs: dict[str, Any], status: int
+    client: httpx2.Client, method: str, path: str, kwargs: dict[str, Any], status: int
 ) -> None:
     headers = BROWSER_FORM if "data" in kwargs else ADMIN
     if "content" in kwargs:
@@ -286,7 +290,7 @@ def test_bad_input_is_a_problem_never_a_500(
     assert problem["status"] == status and problem["detail"]
 
 
-def test_bad_identity_is_a_422(client: TestClient) -> None:
+def test_bad_identity_is_a_422(client: httpx2.Client) -> None:
     response = client.get("/settings/usage/", headers={"x-org-id": "o" * 300})
     assert (response.status_code, response.headers["content-type"]) == (422, PROBLEM)
 
@@ -303,9 +307,43 @@ def test_sync_guard_and_plain_callables_work(
     assert client.put("/u/plan", json={"plan": "pro"}).status_code == 403
 
 
-def test_unreachable_redis_is_a_503(serve: Callable[..., TestClient]) -> None:
+def test_starlette_takes_async_identify_and_is_admin(
+    guard: UsageGuard, serve: Callable[..., TestClient]
+) -> None:
+    async def async_identify(request: Request) -> Subject | None:
+        return identify(request)
+
+    async def async_is_admin(request: Request, subject: Subject) -> bool:
+        return is_admin(request, subject)
+
+    client = serve(mounted(guard, async_identify, async_is_admin), guard)
+    assert (
+        client.put("/settings/usage/plan", json={"plan": "free"}, headers=ALICE).status_code == 403
+    )
+    assert client.put("/settings/usage/plan", json={"plan": "free"}, headers=ADMIN).json() == {
+        "plan": "free"
+    }
+
+
+def test_a_sync_framework_refuses_an_async_identify(guard: UsageGuard) -> None:
+    from flask import Flask
+
+    from usage_guard.flask import usage_blueprint
+
+    async def async_identify(request: Any) -> Subject | None:
+        return identify(request)
+
+    app = Flask(__name__)
+    app.testing = True  # the error reaches the test
+    blueprint = usage_blueprint(guard, identify=async_identify)  # type: ignore[arg-type]
+    app.register_blueprint(blueprint, url_prefix="/u")
+    with pytest.raises(TypeError, match="identify must be a plain function"):
+        app.test_client().get("/u/", headers=ALICE)
+
+
+def test_unreachable_redis_is_a_503(serve_page: Callable[..., httpx2.Client]) -> None:
     guard = UsageGuard.from_url("redis://127.0.0.1:1/0", timeout=0.2)
-    client = serve(mounted(guard), guard)
+    client = serve_page(guard, identify=identify, is_admin=is_admin)
     response = client.get("/settings/usage/", headers=ALICE)
     assert (response.status_code, response.headers["content-type"]) == (503, PROBLEM)
     assert response.headers["retry-after"] == "5"
@@ -337,7 +375,7 @@ def test_every_bar_colour_meets_three_to_one_against_its_track() -> None:
 
 
 def test_each_monthly_meter_says_when_it_resets_by_the_guards_clock(
-    client: TestClient,
+    client: httpx2.Client,
 ) -> None:
     """The test clock reads 2026-11-15T12:00Z: December starts in 15.5 days."""
     page = client.get("/settings/usage/", headers={**ALICE, **HTML}).text
@@ -367,7 +405,7 @@ def test_large_percentages_have_thousands_separators() -> None:
 
 
 def test_history_charts_follow_the_help_center_with_limits_and_readable_points(
-    client: TestClient,
+    client: httpx2.Client,
 ) -> None:
     page = client.get("/settings/usage/", headers={**ALICE, **HTML}).text
     order = re.findall(r'<figure class="card chart" data-metric="([a-z_]+)"', page)
@@ -379,10 +417,7 @@ def test_history_charts_follow_the_help_center_with_limits_and_readable_points(
     assert len(points) == 6 and points[-1] == "Nov: 18.5 K emails"
 
 
-def test_an_empty_org_draws_flat_lines_on_the_baseline(
-    guard: UsageGuard, serve: Callable[..., TestClient]
-) -> None:
-    client = serve(mounted(guard.aio), guard)
+def test_an_empty_org_draws_flat_lines_on_the_baseline(client: httpx2.Client) -> None:
     page = client.get("/settings/usage/", headers={"x-org-id": "newco", **HTML}).text  # no use
     storage = page[page.index('<figure class="card chart" data-metric="storage"') :]
     storage = storage.split("</figure>")[0]
@@ -391,14 +426,13 @@ def test_an_empty_org_draws_flat_lines_on_the_baseline(
 
 
 def test_an_admin_sees_each_members_consumption_in_one_more_round_trip(
-    guard: UsageGuard, serve: Callable[..., TestClient]
+    guard: UsageGuard, client: httpx2.Client
 ) -> None:
     for n in range(30):
         guard.consume("acme", "ai_tokens", 100 + n, user=f"member{n:02d}")
     guard.set_budget("acme", "member29", "ai_tokens", 500)
     guard.set_budget("acme", "alice", "ai_tokens", 900_000)
     guard.set_limit("acme", "users", 25)
-    client = serve(mounted(guard.aio), guard)
     page = client.get("/settings/usage/", headers={**ADMIN, **HTML}).text
     table = page[page.index('<table class="team-table" data-metric="ai_tokens"') :]
     table = table.split("</table>")[0]
@@ -445,7 +479,7 @@ def test_the_demo_org_looks_like_a_real_one() -> None:
     assert series["workflow_executions"][:3] == (0, 0, 0) and series["workflow_executions"][3]
 
 
-def test_storage_is_labelled_once_and_shown_in_its_unit(client: TestClient) -> None:
+def test_storage_is_labelled_once_and_shown_in_its_unit(client: httpx2.Client) -> None:
     page = client.get("/settings/usage/", headers={**ALICE, **HTML}).text
     storage = page[page.index('data-metric="storage"') :].split("</li>")[0]
     assert ">Storage</span>" in storage and "3.4 GB" in storage and "bytes" not in storage

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import httpx2
 import pytest
-from starlette.applications import Starlette
 from starlette.datastructures import Headers
-from starlette.testclient import TestClient
 
 from test_dashboard import ADMIN, identify, is_admin
-from usage_guard import InvalidUsage, Plan, UsageGuard, usage_app
+from usage_guard import InvalidUsage, Plan, UsageGuard
 from usage_guard.csrf import refusal, trusted
 
 PLANS = {"free": Plan("free", {"emails": 100}), "pro": Plan("pro", {"emails": 20_000})}
@@ -32,11 +31,9 @@ def guard(make_guard: Callable[..., UsageGuard]) -> UsageGuard:
 
 
 @pytest.fixture
-def client(guard: UsageGuard, serve: Callable[..., TestClient]) -> TestClient:
-    app = Starlette()
-    page = usage_app(guard, identify=identify, is_admin=is_admin, trusted_origins=[APP])
-    app.mount("/settings/usage", page)
-    return serve(app, guard)
+def client(guard: UsageGuard, serve_page: Callable[..., httpx2.Client]) -> httpx2.Client:
+    """The page under each framework: the rule is the page's own, not the framework's."""
+    return serve_page(guard, identify=identify, is_admin=is_admin, trusted_origins=[APP])
 
 
 def unchanged(guard: UsageGuard) -> bool:
@@ -92,7 +89,7 @@ ATTACKS = {
 
 @pytest.mark.parametrize("attack", ATTACKS)
 def test_cross_site_writes_change_nothing(
-    client: TestClient, guard: UsageGuard, attack: str
+    client: httpx2.Client, guard: UsageGuard, attack: str
 ) -> None:
     method, path, headers, body = ATTACKS[attack]
     response = client.request(
@@ -104,7 +101,7 @@ def test_cross_site_writes_change_nothing(
 
 
 def test_other_content_types_are_415_even_from_the_same_origin(
-    client: TestClient, guard: UsageGuard
+    client: httpx2.Client, guard: UsageGuard
 ) -> None:
     same_origin = {"origin": "http://testserver", "sec-fetch-site": "same-origin"}
     for media in ("text/plain", "multipart/form-data; boundary=x", "application/xml"):
@@ -119,7 +116,7 @@ def test_other_content_types_are_415_even_from_the_same_origin(
 
 
 def test_scripts_send_json_and_trusted_origins_are_accepted(
-    client: TestClient, guard: UsageGuard
+    client: httpx2.Client, guard: UsageGuard
 ) -> None:
     # A script (no browser headers) with JSON; a DELETE, which browsers never send cross-site
     # without a preflight, needs no body at all.

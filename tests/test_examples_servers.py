@@ -21,6 +21,10 @@ SERVERS = {
                         "examples.fastapi_app.app:app"],
     "flask-gunicorn": ["gunicorn", "-w", "3", "--threads", "4", "-b", "127.0.0.1:{port}",
                        "examples.flask_app.app:app"],
+    "django-gunicorn": ["gunicorn", "-w", "3", "--threads", "4", "-b", "127.0.0.1:{port}",
+                        "examples.django_app.wsgi:application"],
+    "django-uvicorn": ["uvicorn", "--workers", "2", "--host", "127.0.0.1", "--port", "{port}",
+                       "examples.django_app.asgi:application"],
 }  # fmt: skip
 
 

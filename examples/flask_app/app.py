@@ -4,7 +4,8 @@ Run it: ``flask --app examples.flask_app.app run`` or
 ``gunicorn -w 3 examples.flask_app.app:app`` (``memory://`` by default;
 ``USAGE_GUARD_URL=redis://…`` to share limits between workers, ``USAGE_GUARD_PREFIX``
 to change the key prefix). Callers identify with ``X-Org-Id`` / ``X-User-Id``
-headers: DEMO ONLY, a real service takes them from its authentication.
+headers: DEMO ONLY, a real service takes them from its authentication. The Usage
+page is at ``/settings/usage/``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from flask import Flask, abort, request
 
 from usage_guard import Plan, UsageGuard, current_subject, metered
 from usage_guard.asgi import from_headers
-from usage_guard.flask import UsageGuardFlask
+from usage_guard.demo import demo_admin, demo_identity
+from usage_guard.flask import UsageGuardFlask, usage_blueprint
 
 PLANS = {
     "free": Plan(
@@ -107,7 +109,15 @@ def create_app(guard: UsageGuard | None = None) -> Flask:
     book = ContactBook()
     app = Flask(__name__)
     UsageGuardFlask(
-        app, guard=guard, identify=from_headers("x-org-id", "x-user-id"), exclude=("/health",)
+        app,
+        guard=guard,
+        identify=from_headers("x-org-id", "x-user-id"),
+        exclude=("/health", "/settings/usage*"),
+    )
+    # The Usage page. DEMO ONLY: a visitor without headers is acme's admin alice.
+    app.register_blueprint(
+        usage_blueprint(guard, identify=demo_identity(), is_admin=demo_admin()),
+        url_prefix="/settings/usage",
     )
 
     def org() -> str:

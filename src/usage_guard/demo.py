@@ -17,6 +17,7 @@ organization's user ``alice``, an admin.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -171,7 +172,7 @@ class demo_identity(from_headers):
         super().__init__()
         self.fallback = fallback
 
-    def __call__(self, request: Request) -> Subject | None:
+    def __call__(self, request: Any) -> Subject | None:
         return super().__call__(request) or self.fallback
 
     def from_scope(self, scope: Any) -> Subject | None:
@@ -189,12 +190,21 @@ def mount_usage_page(
     with the demo's header identity: ``fallback`` (``None``: no one) administers it."""
     from .dashboard import usage_app
 
-    def is_admin(request: Request, subject: Subject) -> bool:
+    app.mount(
+        path, usage_app(guard, identify=demo_identity(fallback), is_admin=demo_admin(fallback))
+    )
+
+
+def demo_admin(fallback: Subject | None = DEMO_SUBJECT) -> Callable[[Any, Subject], bool]:
+    """``is_admin`` of the demo's identity: ``X-Admin: 1``, or the ``fallback`` visitor
+    (Starlette, Flask and Django requests alike)."""
+
+    def is_admin(request: Any, subject: Subject) -> bool:
         if request.headers.get("x-admin") == "1":
             return True
         return fallback is not None and "x-org-id" not in request.headers
 
-    app.mount(path, usage_app(guard, identify=demo_identity(fallback), is_admin=is_admin))
+    return is_admin
 
 
 def demo_app(guard: UsageGuard) -> Starlette:

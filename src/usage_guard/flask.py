@@ -11,33 +11,23 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from contextvars import Token
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from flask import Flask, Response, g, request
+from flask import Blueprint, Flask, Response, g, request
 
-from .aio import AsyncUsageGuard
-from .context import AnyGuard, Binding, Budget, bind, unbind
-from .decision import Decision
-from .errors import InvalidIdentifier, InvalidUsage, Unidentified, UsageLimitExceeded
+from .context import AnyGuard
+from .errors import InvalidUsage, Unidentified, UsageLimitExceeded
 from .guard import UsageGuard
 from .health import at_startup
-from .problem import (
-    INVALID_IDENTITY,
-    PROBLEM_JSON,
-    UNAUTHORIZED,
-    AnsweredError,
-    Problem,
-    answer,
-    policy_fields,
-    quota_exceeded,
-)
-from .ratelimit import RateLimits
+from .hooks import Entered, RequestHooks
+from .problem import AnsweredError, Problem
 from .subject import Subject
-from .web import ExcludedPaths, Metering, Rule
+from .web import Rule
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
+
+    from .dashboard.page import IsAdmin
 
 FlaskIdentify = Callable[[Any], Subject | None]
 EXTENSION = "usage_guard"
@@ -107,125 +97,97 @@ class UsageGuardFlask:
         app.after_request(metered.after)
         app.teardown_request(metered.teardown)
         for error in (UsageLimitExceeded, Unidentified, InvalidUsage):
-            app.register_error_handler(error, metered.answer)
+            app.register_error_handler(error, metered.error_answer)
 
     def metering(self, app: Flask) -> FlaskMetering:
         """What this extension does for ``app`` (its guard, options and rate limits)."""
         return self._apps[app]
 
 
-class FlaskMetering:
-    """One app's metering: what the ASGI middleware does, on Flask's request hooks."""
+class FlaskMetering(RequestHooks):
+    """One app's metering: :class:`~usage_guard.hooks.RequestHooks` on Flask's request hooks."""
 
-    rate_limits: RateLimits | None
-
-    def __init__(
-        self,
-        *,
-        guard: AnyGuard,
-        identify: FlaskIdentify,
-        meter: str | None = "api_calls",
-        amount: int = 1,
-        rules: Iterable[Rule] = (),
-        exclude: Iterable[str] = (),
-        require_identity: bool = False,
-        status_code: int = 429,
-        ratelimit_headers: bool = True,
-        rate_limits: bool | None = None,
-        ping_on_startup: bool = False,
-    ) -> None:
+    def __init__(self, *, ping_on_startup: bool = False, **options: Any) -> None:
+        super().__init__(**options)
         self.ping_on_startup = ping_on_startup
-        self.guard: UsageGuard = guard.sync if isinstance(guard, AsyncUsageGuard) else guard
-        self.identify = identify
-        self.metering = Metering(self.guard.catalog, meter, amount, rules)
-        self.exclude = ExcludedPaths(exclude)
-        self.require_identity = require_identity
-        self.status_code = status_code
-        self.ratelimit_headers = ratelimit_headers
-        self.rate_limits = RateLimits.enforced(
-            self.guard, status_code=status_code, enabled=rate_limits
-        )
 
     def before(self) -> Response | None:
-        path = request.path
-        if path in self.exclude:
-            return None
-        try:
-            who = self.identify(request)
-        except InvalidIdentifier:
-            return _response(INVALID_IDENTITY)
-        if who is None and self.require_identity:
-            return _response(UNAUTHORIZED)
-        # Bound for the whole request (undone at teardown): metered views find the
-        # subject (none: they answer 401), and every call waits within one budget.
-        g.usage_guard_token = bind(who, self.guard, Budget())
-        if who is None:
-            return None
-        decision: Decision | None = None
-        amounts = self.metering.amounts(request.method, path)
-        try:
-            if amounts:
-                if self.rate_limits is not None:
-                    limited = self.rate_limits.hit(who.org, amounts)
-                    if limited is not None:
-                        return _response(limited)
-                # Provisional: counted only if the request is served (see after()).
-                calls = self.guard.calls
-                if len(amounts) == 1:
-                    [(metric, units)] = amounts.items()
-                    call = calls.provisional(who.org, metric, units, user=who.user)
-                else:
-                    call = calls.provisional(who.org, amounts, 1, user=who.user)
-                decision = self.guard._run(call)
-        except InvalidIdentifier:
-            return _response(INVALID_IDENTITY)
-        if decision is not None and not decision.allowed:
-            return _response(self._problem(decision))
-        g.usage_guard_decision, g.usage_guard_subject = decision, who
-        g.usage_guard_amounts = amounts
+        entered = self.enter(request, request.method, request.path)
+        if isinstance(entered, Problem):
+            return _response(entered)
+        if entered is not None:
+            g.usage_guard_entered = entered
         return None
 
     def after(self, response: Response) -> Response:
-        decision: Decision | None = g.get("usage_guard_decision")
-        if (
-            decision is not None
-            and response.status_code in (self.status_code, 503)
-            and response.mimetype == PROBLEM_JSON
-        ):
-            # Refused inside the view (@metered, raise_for_status()): it counts nothing.
-            who = g.usage_guard_subject
-            self.guard._refund(who.org, g.usage_guard_amounts, who.user, decision)
+        entered: Entered | None = g.get("usage_guard_entered")
+        if entered is None:
             return response
-        if decision is not None and decision.scope == "unavailable":
-            # Served by the outage policy: counted once Redis answers.
-            who = g.usage_guard_subject
-            self.guard._owe(who.org, g.usage_guard_amounts, who.user)
+        fields = self.leave(entered, response.status_code, response.mimetype or "")
         # A 429 from a view already names the metric that denied.
-        if (
-            self.ratelimit_headers
-            and decision is not None
-            and decision.quota is not None
-            and "ratelimit" not in response.headers
-        ):
-            for name, value in policy_fields(
-                decision, self.guard.catalog, self.guard.calls.clock()
-            ):
-                response.headers[name] = value
+        if fields and "ratelimit" not in response.headers:
+            response.headers.extend(fields)
         return response
 
     def teardown(self, error: BaseException | None) -> None:
-        token: Token[Binding] | None = g.pop("usage_guard_token", None)
-        if token is not None:
-            unbind(token)
+        entered: Entered | None = g.pop("usage_guard_entered", None)
+        if entered is not None:
+            self.release(entered)
 
-    def answer(self, error: AnsweredError) -> Response:
-        now = self.guard.calls.clock()
-        return _response(answer(error, self.guard.catalog, now, status=self.status_code))
-
-    def _problem(self, decision: Decision) -> Problem:
-        now = self.guard.calls.clock()
-        return quota_exceeded(decision, self.guard.catalog, now, status=self.status_code)
+    def error_answer(self, error: AnsweredError) -> Response:
+        return _response(self.answer(error))
 
 
 def _response(problem: Problem) -> Response:
     return Response(problem.body, status=problem.status, headers=problem.headers)
+
+
+#: Every method the page answers; it says 405 itself to the ones a route does not take.
+_PAGE_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+
+def usage_blueprint(
+    guard: AnyGuard,
+    *,
+    identify: FlaskIdentify,
+    is_admin: IsAdmin | None = None,
+    title: str = "Usage",
+    trusted_origins: Iterable[str] = (),
+    name: str = "usage_guard_page",
+) -> Blueprint:
+    """The Usage page as a blueprint (the ``dashboard`` extra)::
+
+        app.register_blueprint(
+            usage_blueprint(guard, identify=identify, is_admin=is_admin),
+            url_prefix="/settings/usage",
+        )
+
+    The same page, JSON and admin endpoints as :func:`usage_guard.usage_app`
+    (:class:`~usage_guard.dashboard.page.UsagePage`), on the guard's sync side:
+    ``identify(request)`` and ``is_admin(request, subject)`` are plain functions.
+    """
+    from .dashboard.page import PageRequest, UsagePage
+
+    page = UsagePage(
+        guard, identify=identify, is_admin=is_admin, title=title, trusted_origins=trusted_origins
+    )
+    blueprint = Blueprint(name, __name__)
+
+    @blueprint.route("/", defaults={"path": ""}, methods=_PAGE_METHODS)
+    @blueprint.route("/<path:path>", methods=_PAGE_METHODS)
+    def usage(path: str) -> Response:
+        below = "/" + path
+        full = request.script_root + request.path
+        answer = page.respond(
+            PageRequest(
+                method=request.method,
+                path=below,
+                page=full[: len(full) - len(path)] if path else full,
+                headers=request.headers,
+                body=request.get_data(),
+                native=request,
+            )
+        )
+        return Response(answer.body, status=answer.status, headers=answer.headers)
+
+    return blueprint

@@ -28,7 +28,7 @@ class from_headers:
     """Identify by request headers (``X-Org-Id`` / ``X-User-Id`` by default).
 
     Trust client-supplied headers only behind a gateway that sets them. Works
-    with Starlette and Flask requests, and reads the raw ASGI scope in the middleware.
+    with Starlette, Flask and Django requests, and reads the raw ASGI scope in the middleware.
     A header sent twice (or holding a comma, which is how WSGI servers join repeated
     headers) is refused with :class:`~usage_guard.InvalidIdentifier`: a 400.
     """
@@ -40,10 +40,11 @@ class from_headers:
         self._user_raw = None if self.user is None else self.user.encode("latin-1")
 
     def __call__(self, request: Any) -> Identity:
-        org = _single(request.headers.getlist(self.org), self.org)
+        headers = request.headers
+        org = _single(_values(headers, self.org), self.org)
         if org is None:
             return None
-        user = None if self.user is None else _single(request.headers.getlist(self.user), self.user)
+        user = None if self.user is None else _single(_values(headers, self.user), self.user)
         return Subject(org, user)
 
     def from_scope(self, scope: Scope) -> Identity:
@@ -58,6 +59,16 @@ class from_headers:
                     raise _duplicate(self.user)
                 user = value
         return None if org is None else _subject_of(org, user)
+
+
+def _values(headers: Any, name: str) -> list[str]:
+    """Every value of a header: Starlette and Werkzeug list them; Django's WSGI and ASGI
+    handlers have already joined them with commas."""
+    getlist = getattr(headers, "getlist", None)
+    if getlist is not None:
+        return list(getlist(name))
+    value = headers.get(name)
+    return [] if value is None else [value]
 
 
 def _single(values: list[str], name: str) -> str | None:
@@ -159,3 +170,10 @@ class Metering:
             if rule.matches(method, path):
                 amounts[rule.metric] = amounts.get(rule.metric, 0) + rule.amount
         return amounts
+
+
+def close_unawaited(awaitable: object) -> None:
+    """Close a coroutine a sync caller got and refuses, so that it does not warn as well."""
+    close = getattr(awaitable, "close", None)
+    if close is not None:
+        close()

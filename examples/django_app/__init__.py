@@ -1,0 +1,1 @@
+"""A small CRM-like Django project metered by usage_guard (see ``views.py``)."""

@@ -1,0 +1,55 @@
+"""The test URLconf: the Usage page, and views that meter in the middleware's tests."""
+
+from __future__ import annotations
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.urls import include, path
+
+from usage_guard import UsageGuard, current_subject, metered
+from usage_guard.context import current_guard
+
+calls = {"served": 0}
+
+
+@metered("emails")
+def send_email() -> str:
+    return "queued"
+
+
+@metered("emails")
+async def send_email_async() -> str:
+    return "queued"
+
+
+def plain(request: HttpRequest) -> HttpResponse:
+    calls["served"] += 1
+    who = current_subject()
+    return JsonResponse({"org": None if who is None else who.org})
+
+
+def email(request: HttpRequest) -> HttpResponse:
+    calls["served"] += 1
+    return JsonResponse({"status": send_email()})
+
+
+async def email_async(request: HttpRequest) -> HttpResponse:
+    calls["served"] += 1
+    return JsonResponse({"status": await send_email_async()})
+
+
+def bulk(request: HttpRequest) -> HttpResponse:
+    """A view consuming on its own, raising the 429 itself."""
+    who = current_subject()
+    guard = current_guard()
+    assert who is not None and isinstance(guard, UsageGuard)
+    guard.consume(who.org, "emails", 1000).raise_for_status()
+    return JsonResponse({"status": "sent"})
+
+
+urlpatterns = [
+    path("plain", plain),
+    path("email", email),
+    path("email-async", email_async),
+    path("bulk", bulk),
+    path("settings/usage/", include("usage_guard.django.urls")),
+]
