@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from collections.abc import AsyncIterator, Iterator
+
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.urls import include, path
 
 from usage_guard import UsageGuard, current_subject, metered
@@ -46,7 +48,23 @@ def bulk(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"status": "sent"})
 
 
+def stream(request: HttpRequest) -> HttpResponse:
+    """Sends an email per chunk, as a body streamed after the view returned."""
+
+    def chunks() -> Iterator[str]:
+        for _ in range(2):
+            yield send_email() + "\n"
+
+    async def async_chunks() -> AsyncIterator[str]:
+        for _ in range(2):
+            yield await send_email_async() + "\n"
+
+    asynchronous = request.META.get("wsgi.version") is None  # Django's ASGI handler
+    return StreamingHttpResponse(async_chunks() if asynchronous else chunks())
+
+
 urlpatterns = [
+    path("stream", stream),
     path("plain", plain),
     path("email", email),
     path("email-async", email_async),

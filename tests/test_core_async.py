@@ -217,3 +217,15 @@ def test_the_async_guard_serves_one_event_loop_after_another(make_guard: MakeGua
 
     assert [asyncio.run(send_one()) for _ in range(3)] == [True, True, True]
     assert guard.usage("acme").meters["emails"].used == 3
+
+
+@pytest.mark.parametrize("storage_url", ["memory"], indirect=True)
+def test_loops_closed_without_asyncio_run_are_forgotten(make_guard: MakeGuard) -> None:
+    guard = make_guard(plans=PLANS, default_plan="free")
+    for _ in range(5):
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(guard.aio.consume("acme", "emails", 1))
+        loop.close()  # no shutdown_asyncgens(): nothing closed the loop's client
+    runner: Any = guard.backend.aio()
+    assert len(runner._by_loop) == 1  # the last loop's; the others were dropped
+    assert guard.usage("acme").meters["emails"].used == 5

@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.testclient import TestClient
 
+import frameworks
 import usage_guard.dashboard
 from usage_guard import Plan, Subject, UsageGuard, usage_app
 from usage_guard.dashboard import formatting
@@ -254,11 +255,11 @@ def test_callers_only_ever_see_and_change_their_own_org(
         ("PUT", "/budgets/alice/ai_tokens", {"json": {"budget": 1.5}}, 422),
         ("PUT", "/budgets/alice/ai_tokens", {"json": {"budget": 2**53}}, 422),
         ("PUT", "/budgets/alice/ai_tokens", {"json": {"budget": "\u00b2"}}, 422),
-        ("PUT", "/budgets/alice/ai_tokens", {"content": b"[" * 100_000}, 400),
+        ("PUT", "/budgets/alice/ai_tokens", {"content": b"[" * 60_000}, 400),  # too deep
         ("PUT", "/budgets/alice/ai_tokens", {"content": b'{"budget": 1' + b"0" * 5000 + b"}"}, 400),
         ("PUT", "/budgets/alice/emails", {"json": {"budget": 5}}, 422),
         ("PUT", "/budgets/alice/nope", {"json": {"budget": 5}}, 422),
-        ("PUT", "/budgets/" + "u" * 300 + "/ai_tokens", {"json": {"budget": 5}}, 422),
+        ("PUT", "/budgets/" + "u" * 300 + "/ai_tokens", {"json": {"budget": 5}}, 400),
         ("POST", "/budgets", {"data": {"metric": "ai_tokens", "budget": "5"}}, 422),
         ("POST", "/budgets", {"data": {"user": "a", "metric": "ai_tokens", "budget": "x"}}, 422),
         # Past int()'s 4,300-digit limit, which raised outside the checks (a 500).
@@ -270,6 +271,9 @@ def test_callers_only_ever_see_and_change_their_own_org(
         ),
         ("PUT", "/plan", {"json": {"plan": "platinum"}}, 422),
         ("PUT", "/plan", {"json": {"plan": 3}}, 422),
+        # No plan named at all: not a reset to the default plan, which null asks for.
+        ("PUT", "/plan", {"json": {}}, 422),
+        ("POST", "/plan", {"data": {"planned": "pro"}}, 422),
         ("PUT", "/limits/nope", {"json": {"limit": 5}}, 422),
         ("PUT", "/limits/emails", {"json": {"limit": "lots"}}, 422),
         ("PUT", "/limits/emails", {"json": {}}, 422),
@@ -290,9 +294,62 @@ def test_bad_input_is_a_problem_never_a_500(
     assert problem["status"] == status and problem["detail"]
 
 
-def test_bad_identity_is_a_422(client: httpx2.Client) -> None:
+def test_a_body_past_64_kib_is_a_413_and_a_method_off_the_routes_a_405(
+    client: httpx2.Client, guard: UsageGuard
+) -> None:
+    big = {"plan": "free", "padding": "x" * 70_000}
+    response = client.put("/settings/usage/plan", json=big, headers=ADMIN)
+    assert (response.status_code, response.headers["content-type"]) == (413, PROBLEM)
+    assert guard.report("acme").plan == "pro"
+    response = client.patch("/settings/usage/plan", json={"plan": "free"}, headers=ADMIN)
+    assert (response.status_code, response.headers["content-type"]) == (405, PROBLEM)
+    assert response.headers["allow"] == "POST, PUT"
+
+
+def test_the_flask_page_reads_a_form_another_extension_parsed_first(guard: UsageGuard) -> None:
+    from flask import Flask, request
+
+    from usage_guard.flask import usage_blueprint
+
+    app = Flask(__name__)
+
+    @app.before_request
+    def audit() -> None:
+        request.form.get("plan")  # e.g. an audit log, or Flask-WTF: it reads the body
+
+    app.register_blueprint(usage_blueprint(guard, identify=identify, is_admin=is_admin))
+    with frameworks.wsgi_client(app) as client:  # a real WSGI input stream, read once
+        response = client.post("/plan", data={"plan": "free"}, headers=BROWSER_FORM)
+    assert response.status_code == 200 and guard.report("acme").plan == "free"
+
+
+def test_leading_zeros_are_read_past_ints_digit_limit(
+    client: httpx2.Client, guard: UsageGuard
+) -> None:
+    # The length check stripped them, int() did not: a 500 before.
+    form = {"metric": "emails", "limit": "0" * 4300 + "7"}
+    assert client.post("/settings/usage/limits", data=form, headers=BROWSER_FORM).status_code == 200
+    assert guard.report("acme").meter("emails").limit == 7
+
+
+def test_bad_identity_is_a_400_as_in_the_middleware(client: httpx2.Client) -> None:
     response = client.get("/settings/usage/", headers={"x-org-id": "o" * 300})
-    assert (response.status_code, response.headers["content-type"]) == (422, PROBLEM)
+    assert (response.status_code, response.headers["content-type"]) == (400, PROBLEM)
+
+
+def test_report_json_is_json_whatever_the_trailing_slash(client: httpx2.Client) -> None:
+    response = client.get("/settings/usage/report.json/", headers={**ALICE, **HTML})
+    assert response.headers["content-type"] == "application/json"
+
+
+def test_a_plan_of_null_or_empty_resets_to_the_default(
+    client: httpx2.Client, guard: UsageGuard
+) -> None:
+    assert client.put("/settings/usage/plan", json={"plan": None}, headers=ADMIN).status_code == 200
+    assert guard.report("acme").plan == "free"
+    guard.assign_plan("acme", "pro")
+    form = client.post("/settings/usage/plan", data={"plan": ""}, headers=BROWSER_FORM)
+    assert form.status_code == 200 and guard.report("acme").plan == "free"
 
 
 def test_sync_guard_and_plain_callables_work(

@@ -72,3 +72,18 @@ def test_emails_imports_and_contacts(client: FlaskClient, guard: UsageGuard) -> 
 def test_health_is_not_metered(client: FlaskClient, guard: UsageGuard) -> None:
     assert client.get("/health", headers=ALICE).status_code == 200
     assert guard.usage("acme").meters["api_calls"].used == 0
+
+
+def test_the_usage_page_is_registered_and_not_metered(
+    client: FlaskClient, guard: UsageGuard
+) -> None:
+    guard.consume("acme", "emails", 7).raise_for_status()
+    report = client.get("/settings/usage/report.json", headers=ALICE).json
+    assert report is not None and report["organization"] == "acme"
+    # The demo's visitor (no headers) is acme's admin: its form changes acme's limit.
+    browser = {"sec-fetch-site": "same-origin"}
+    form = {"metric": "emails", "limit": "250"}
+    posted = client.post("/settings/usage/limits", data=form, headers=browser)
+    assert (posted.status_code, posted.headers["location"]) == (303, "/settings/usage/")
+    usage = guard.usage("acme")
+    assert usage.meters["emails"].limit == 250 and usage.meters["api_calls"].used == 0

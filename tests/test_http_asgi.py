@@ -325,6 +325,21 @@ def test_unknown_metrics_fail_when_the_middleware_is_built(guard: UsageGuard) ->
         )
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"exclude": "/health"}, "a list of paths"),  # was read as '/', 'h', 'e', …
+        ({"status_code": "429"}, "an HTTP error status"),  # refusals inside were charged
+        ({"status_code": 200}, "an HTTP error status"),
+    ],
+)
+def test_options_of_the_wrong_kind_fail_when_the_middleware_is_built(
+    guard: UsageGuard, option: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        UsageGuardMiddleware(PlainTextResponse("x"), guard=guard, identify=from_headers(), **option)
+
+
 @pytest.mark.parametrize("storage_url", ["memory"], indirect=True)
 def test_backend_outage_on_a_fail_closed_metric_is_a_503(
     redis_process: Any, client_for: Callable[..., TestClient], clock: Any

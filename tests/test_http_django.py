@@ -103,6 +103,26 @@ def test_a_view_raising_its_own_429_counts_nothing(
     assert guard.usage("acme").meters["api_calls"].used == 0
 
 
+def test_a_streamed_body_meters_with_the_subject_bound(
+    django: Callable[..., httpx2.Client], guard: UsageGuard
+) -> None:
+    guard.set_limit("acme", "emails", 10)
+    response = django(guard).get("/stream", headers=ALICE)
+    assert response.text == "queued\nqueued\n"
+    assert guard.usage("acme").meters["emails"].used == 2
+
+
+def test_a_settings_override_takes_effect_on_a_built_handler(
+    django: Callable[..., httpx2.Client], guard: UsageGuard
+) -> None:
+    client = django(guard)
+    with frameworks.django_settings(
+        USAGE_GUARD={"GUARD": guard, "IDENTIFY": from_headers(), "REQUIRE_IDENTITY": True}
+    ):
+        assert client.get("/plain").status_code == 401
+    assert client.get("/plain").status_code == 200
+
+
 def test_anonymous_excluded_invalid_and_required_identity(
     django: Callable[..., httpx2.Client], guard: UsageGuard
 ) -> None:
@@ -147,6 +167,16 @@ def test_an_async_identify_works_on_both_stacks(
     assert guard.usage("acme").meters["api_calls"].used == 1
 
 
+def test_an_identify_object_with_an_async_call_works_on_both_stacks(
+    django: Callable[..., httpx2.Client], guard: UsageGuard
+) -> None:
+    class Identify:
+        async def __call__(self, request: Any) -> Subject | None:
+            return Subject(request.headers["x-org-id"])
+
+    assert django(guard, IDENTIFY=Identify()).get("/plain", headers=ALICE).json() == {"org": "acme"}
+
+
 def test_an_identify_that_reads_the_database_runs_off_the_event_loop(
     django: Callable[..., httpx2.Client], guard: UsageGuard, stack: str
 ) -> None:
@@ -185,6 +215,13 @@ HEADERS = from_headers()
             {"GUARD": GUARD, "IDENTIFY": HEADERS, "GAURD": 1},
             r"unknown USAGE_GUARD keys \['GAURD'\]",
         ),
+        ({"GUARD": GUARD, "IDENTIFY": None}, "must name a function"),
+        # What a type checker catches in code, and settings would let through:
+        ({"GUARD": GUARD, "IDENTIFY": HEADERS, "EXCLUDE": "/health"}, "a list of paths"),
+        ({"GUARD": GUARD, "IDENTIFY": HEADERS, "STATUS_CODE": "429"}, "an HTTP error status"),
+        ({"GUARD": GUARD, "IDENTIFY": HEADERS, "PING_ON_STARTUP": "false"}, "must be bool"),
+        ({"GUARD": GUARD, "IDENTIFY": HEADERS, "REQUIRE_IDENTITY": 1}, "must be bool"),
+        ({"GUARD": GUARD, "IDENTIFY": HEADERS, "TRUSTED_ORIGINS": ["nope"]}, "trusted origin"),
     ],
 )
 def test_misconfigurations_are_named_when_django_starts(

@@ -173,3 +173,19 @@ def test_bad_flask_options_are_named(guard: UsageGuard, config: Any, message: st
     app.config["USAGE_GUARD"] = config
     with pytest.raises(InvalidUsage, match=message):
         UsageGuardFlask().init_app(app)
+
+
+def test_a_streamed_body_meters_with_the_subject_bound(guard: UsageGuard) -> None:
+    app, _ = build(guard)
+
+    @app.get("/stream")
+    def stream() -> Any:
+        def chunks() -> Any:
+            for _ in range(2):
+                yield send_email() + "\n"
+
+        return app.response_class(chunks())
+
+    guard.set_limit("acme", "emails", 10)
+    assert app.test_client().get("/stream", headers=ALICE).text == "queued\nqueued\n"
+    assert guard.usage("acme").meters["emails"].used == 2

@@ -33,7 +33,16 @@ from .problem import (
 )
 from .ratelimit import RateLimits
 from .subject import Subject
-from .web import ExcludedPaths, Identify, Identity, Metering, Rule, from_headers, from_state
+from .web import (
+    ExcludedPaths,
+    Identify,
+    Identity,
+    Metering,
+    Rule,
+    checked_status,
+    from_headers,
+    from_state,
+)
 
 __all__ = [
     "ExcludedPaths",
@@ -92,7 +101,7 @@ class UsageGuardMiddleware:
         self.metering = Metering(self.catalog, meter, amount, rules)
         self.exclude = ExcludedPaths(exclude)
         self.require_identity = require_identity
-        self.status_code = status_code
+        self.status_code = checked_status(status_code)
         self.ratelimit_headers = ratelimit_headers
         self.rate_limits = RateLimits.enforced(guard, status_code=status_code, enabled=rate_limits)
 

@@ -6,10 +6,10 @@ in a ContextVar so it follows asyncio tasks and Starlette's threadpool.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, TypeVar, Union
 
 from .subject import Subject
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .guard import UsageGuard
 
 AnyGuard = Union["UsageGuard", "AsyncUsageGuard"]
+T = TypeVar("T")
 
 
 class Budget:
@@ -77,3 +78,57 @@ def subject(org: str, user: str | None = None, guard: AnyGuard | None = None) ->
         yield who
     finally:
         unbind(token)
+
+
+def stays_bound(chunks: Iterable[T]) -> Iterator[T]:
+    """``chunks`` made with the current subject and guard bound, wherever they are iterated.
+
+    A streamed response's body runs after the Flask and Django integrations unbound the
+    request. Each chunk gets a budget of its own: a stream may last longer than ``timeout``.
+    """
+    who, guard, _ = _binding.get()  # now: the generator below runs later
+    return _bound_chunks(iter(chunks), who, guard)
+
+
+def astays_bound(chunks: AsyncIterable[T]) -> AsyncIterator[T]:
+    """:func:`stays_bound` for an async stream."""
+    who, guard, _ = _binding.get()
+    return _abound_chunks(aiter(chunks), who, guard)
+
+
+def _bound_chunks(
+    iterator: Iterator[T], who: Subject | None, guard: AnyGuard | None
+) -> Iterator[T]:
+    try:
+        while True:
+            token = _binding.set((who, guard, Budget()))
+            try:
+                chunk = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                _binding.reset(token)
+            yield chunk
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+
+
+async def _abound_chunks(
+    iterator: AsyncIterator[T], who: Subject | None, guard: AnyGuard | None
+) -> AsyncIterator[T]:
+    try:
+        while True:
+            token = _binding.set((who, guard, Budget()))
+            try:
+                chunk = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            finally:
+                _binding.reset(token)
+            yield chunk
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict, cast
+from urllib.parse import urlencode
 
 from flask import Blueprint, Flask, Response, g, request
 
-from .context import AnyGuard
+from .context import AnyGuard, stays_bound
 from .errors import InvalidUsage, Unidentified, UsageLimitExceeded
 from .guard import UsageGuard
 from .health import at_startup
@@ -127,6 +128,8 @@ class FlaskMetering(RequestHooks):
         # A 429 from a view already names the metric that denied.
         if fields and "ratelimit" not in response.headers:
             response.headers.extend(fields)
+        if response.is_streamed:  # its body runs after teardown unbound the request
+            response.response = stays_bound(cast("Iterable[bytes]", response.response))
         return response
 
     def teardown(self, error: BaseException | None) -> None:
@@ -184,10 +187,23 @@ def usage_blueprint(
                 path=below,
                 page=full[: len(full) - len(path)] if path else full,
                 headers=request.headers,
-                body=request.get_data(),
+                body=_page_body(),
                 native=request,
             )
         )
         return Response(answer.body, status=answer.status, headers=answer.headers)
 
     return blueprint
+
+
+def _page_body() -> bytes:
+    """The page request's body, read no further than the page needs to tell it is too
+    large; an HTML form another extension already parsed is encoded again."""
+    from .dashboard.page import MAX_BODY
+
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        return request.stream.read(MAX_BODY + 1)
+    body = request.get_data()
+    if not body and request.mimetype == "application/x-www-form-urlencoded" and request.form:
+        body = urlencode(list(request.form.items(multi=True))).encode()
+    return body

@@ -34,7 +34,7 @@ from .problem import (
 )
 from .ratelimit import RateLimits
 from .subject import Subject
-from .web import ExcludedPaths, Identify, Metering, Rule, close_unawaited
+from .web import ExcludedPaths, Identify, Metering, Rule, checked_status, close_unawaited
 
 
 @dataclass(slots=True)
@@ -73,7 +73,7 @@ class RequestHooks:
         self.metering = Metering(self.guard.catalog, meter, amount, rules)
         self.exclude = ExcludedPaths(exclude)
         self.require_identity = require_identity
-        self.status_code = status_code
+        self.status_code = checked_status(status_code)
         self.ratelimit_headers = ratelimit_headers
         self.rate_limits = RateLimits.enforced(guard, status_code=status_code, enabled=rate_limits)
 

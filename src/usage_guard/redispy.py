@@ -523,6 +523,10 @@ class PerLoopRedisScripts:
             return last[1]
         scripts = self._by_loop.get(loop)
         if scripts is None:
+            # A loop closed without asyncio.run's shutdown never told us: forget it.
+            for closed in [known for known in self._by_loop if known.is_closed()]:
+                del self._by_loop[closed]
+                self._closers.pop(closed, None)
             scripts = self._by_loop[loop] = self._make()
             closer = self._closers[loop] = self._until_shutdown(loop)
             await anext(closer)

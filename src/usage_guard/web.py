@@ -113,6 +113,8 @@ class ExcludedPaths:
     """Paths an integration never meters: exact ones, and prefixes written with a trailing ``*``."""
 
     def __init__(self, patterns: Iterable[str]) -> None:
+        if isinstance(patterns, str):
+            raise InvalidUsage(f"exclude must be a list of paths, not one string: [{patterns!r}]")
         patterns = tuple(patterns)
         self.exact = frozenset(p for p in patterns if not p.endswith("*"))
         self.prefixes = tuple(p[:-1] for p in patterns if p.endswith("*"))
@@ -177,3 +179,12 @@ def close_unawaited(awaitable: object) -> None:
     close = getattr(awaitable, "close", None)
     if close is not None:
         close()
+
+
+def checked_status(status_code: object) -> int:
+    """The status a denial is answered with: an HTTP client error or server error code."""
+    if type(status_code) is not int or not 400 <= status_code <= 599:
+        raise InvalidUsage(
+            f"status_code must be an HTTP error status (400-599), not {status_code!r}"
+        )
+    return status_code

@@ -12,13 +12,12 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from ..aio import AsyncUsageGuard
 from ..guard import UsageGuard
 from ..web import Identify as Identify  # re-exported by usage_guard.dashboard
-from .page import IsAdmin, PageRequest, UsagePage
-
-_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+from .page import MAX_BODY, IsAdmin, PageRequest, UsagePage
 
 
 def usage_app(
@@ -48,18 +47,39 @@ def usage_app(
         trusted_origins=trusted_origins,
     )
 
-    async def endpoint(request: Request) -> Response:
-        answer = await page.respond_async(
+    # Every method reaches the page, which answers 405 itself where a route takes none
+    # (Starlette would answer a plain-text 405 to any method a function endpoint lacks).
+    return Starlette(routes=[Route("/{path:path}", _Endpoint(page))])
+
+
+class _Endpoint:
+    """The page as an ASGI app (so Starlette routes every method to it)."""
+
+    def __init__(self, page: UsagePage) -> None:
+        self.page = page
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        answer = await self.page.respond_async(
             PageRequest(
                 method=request.method,
                 path="/" + request.path_params["path"],
                 # The mount sets root_path: the page's own path, wherever it is mounted.
-                page=str(request.scope.get("root_path", "")).rstrip("/") + "/",
+                page=str(scope.get("root_path", "")).rstrip("/") + "/",
                 headers=request.headers,
-                body=await request.body(),
+                body=await _body(request),
                 native=request,
             )
         )
-        return Response(answer.body, status_code=answer.status, headers=dict(answer.headers))
+        response = Response(answer.body, status_code=answer.status, headers=dict(answer.headers))
+        await response(scope, receive, send)
 
-    return Starlette(routes=[Route("/{path:path}", endpoint, methods=_METHODS)])
+
+async def _body(request: Request) -> bytes:
+    """The body, read no further than the page needs to tell it is too large."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            break
+    return bytes(body)

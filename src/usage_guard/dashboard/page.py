@@ -40,10 +40,17 @@ import jinja2
 from .. import csrf
 from ..aio import AsyncUsageGuard
 from ..catalog import DEFAULT_CATALOG, Catalog
-from ..errors import BackendUnavailable, InvalidUsage
+from ..errors import BackendUnavailable, InvalidIdentifier, InvalidUsage
 from ..guard import UsageGuard
 from ..plans import MAX_VALUE
-from ..problem import OUTAGE_RETRY_AFTER, Problem, Refused, client_error, refused
+from ..problem import (
+    INVALID_IDENTITY,
+    OUTAGE_RETRY_AFTER,
+    Problem,
+    Refused,
+    client_error,
+    refused,
+)
 from ..report import Report
 from ..subject import Subject
 from ..usage import MemberUsage
@@ -83,6 +90,9 @@ UNAVAILABLE = Problem(
     503, [*_UNREADABLE.headers, ("retry-after", str(OUTAGE_RETRY_AFTER))], _UNREADABLE.body
 )
 _VARY = ("vary", "Accept")
+#: The most a request to the page may send: its forms and JSON bodies are a few dozen bytes.
+MAX_BODY = 64 * 1024
+TOO_LARGE = client_error(413, "Content Too Large", f"send at most {MAX_BODY:,} bytes")
 
 
 @dataclass(frozen=True)
@@ -96,6 +106,7 @@ class PageRequest:
     #: forms post and redirects land.
     page: str
     headers: csrf.Headers
+    #: The body, or its first ``MAX_BODY + 1`` bytes (the page then answers 413).
     body: bytes
     #: The framework's request, handed to ``identify`` and ``is_admin``.
     native: Any
@@ -192,6 +203,8 @@ class UsagePage:
     def _failed(self, request: PageRequest, error: Exception) -> PageResponse:
         if isinstance(error, Refused):
             return _problem(error.problem)
+        if isinstance(error, InvalidIdentifier):  # as every integration answers it
+            return _problem(INVALID_IDENTITY)
         if isinstance(error, InvalidUsage):
             return _problem(client_error(422, "Invalid value", str(error)))
         if request.method in ("GET", "HEAD") and request.path == "/" and _wants_html(request):
@@ -207,6 +220,8 @@ class UsagePage:
         cross_site = csrf.refusal(request.method, request.headers, self.origins)
         if cross_site is not None:
             return _problem(cross_site)
+        if len(request.body) > MAX_BODY:
+            return _problem(TOO_LARGE)
         return (yield from handler(self, request, params))
 
     def _caller(self, request: PageRequest) -> Generator[_Ask, Any, Subject]:
@@ -229,7 +244,7 @@ class UsagePage:
     def _page(self, request: PageRequest, params: tuple[str, ...]) -> Steps:
         subject = yield from self._caller(request)
         report: Report = yield _Ask("report", (subject.org, subject.user))
-        if request.path.endswith(".json") or not _wants_html(request):
+        if request.path.strip("/") == "report.json" or not _wants_html(request):
             return _json(report.to_dict(), headers=[_VARY])
         administrator = yield from self._administrator(request, subject)
         members = (yield _Ask("members", (subject.org, MEMBERS_TOP))) if administrator else None
@@ -249,7 +264,9 @@ class UsagePage:
     def _set_plan(self, request: PageRequest, params: tuple[str, ...]) -> Steps:
         subject = yield from self._admin(request)
         body, from_form = _fields(request)
-        plan = body.get("plan")
+        if "plan" not in body:
+            raise refused(422, "Invalid value", "plan is required (null for the default plan)")
+        plan = body["plan"]
         if plan == "":
             plan = None
         if plan is not None and not isinstance(plan, str):
@@ -394,7 +411,7 @@ def _parse_value(raw: object, field: str) -> int | None:
         # More digits than 2**53-1 has would also exceed int()'s 4,300-digit limit.
         if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > len(str(MAX_VALUE)):
             raise refused(422, "Invalid value", f"{field} must be a whole number from 0 to 2**53-1")
-        raw = int(text)
+        raw = int(text.lstrip("0") or "0")
     if type(raw) is not int or not 0 <= raw <= MAX_VALUE:
         raise refused(422, "Invalid value", f"{field} must be a whole number from 0 to 2**53-1")
     return raw

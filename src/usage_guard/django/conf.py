@@ -28,6 +28,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.utils.module_loading import import_string
 
+from .. import csrf
 from ..aio import AsyncUsageGuard
 from ..context import AnyGuard
 from ..errors import InvalidUsage
@@ -52,6 +53,16 @@ _HOOK_OPTIONS = {
 }
 _PAGE_OPTIONS = {"TITLE": "title", "TRUSTED_ORIGINS": "trusted_origins"}
 _IMPORTED = ("GUARD", "IDENTIFY", "IS_ADMIN", "RULES")
+#: Settings a Python type checker would have caught in code: "false" is a true string.
+_TYPES: dict[str, tuple[type, ...]] = {
+    "PING_ON_STARTUP": (bool,),
+    "REQUIRE_IDENTITY": (bool,),
+    "RATELIMIT_HEADERS": (bool,),
+    "RATE_LIMITS": (bool, type(None)),
+    "METER": (str, type(None)),
+    "AMOUNT": (int,),
+    "TITLE": (str,),
+}
 KEYS = frozenset(
     {"GUARD", "IDENTIFY", "IS_ADMIN", "PING_ON_STARTUP", *_HOOK_OPTIONS, *_PAGE_OPTIONS}
 )
@@ -76,17 +87,27 @@ class Configuration:
                 f'{SETTING}["GUARD"] must name a UsageGuard, not {type(guard).__name__}'
             )
         for key in ("IDENTIFY", "IS_ADMIN"):
-            if values.get(key) is not None and not callable(values[key]):
+            if (key == "IDENTIFY" or values.get(key) is not None) and not callable(values[key]):
                 raise ImproperlyConfigured(f'{SETTING}["{key}"] must name a function')
+        for key, kinds in _TYPES.items():
+            if key in values and not isinstance(values[key], kinds):
+                names = " or ".join(
+                    "None" if kind is type(None) else kind.__name__ for kind in kinds
+                )
+                raise ImproperlyConfigured(
+                    f'{SETTING}["{key}"] must be {names}, not {type(values[key]).__name__}'
+                )
         self.guard: AnyGuard = guard
         self.identify: Identify = values["IDENTIFY"]
         self.is_admin: Callable[..., Any] | None = values.get("IS_ADMIN")
-        self.ping_on_startup = bool(values.get("PING_ON_STARTUP", False))
+        self.ping_on_startup: bool = values.get("PING_ON_STARTUP", False)
         self.page_options = {
             name: values[key] for key, name in _PAGE_OPTIONS.items() if key in values
         }
         hook_options = {name: values[key] for key, name in _HOOK_OPTIONS.items() if key in values}
         try:
+            # Checked now, not on the page's first request: a server's mistake, not a client's.
+            csrf.trusted(self.page_options.get("trusted_origins", ()))
             #: For sync (WSGI) Django: an async ``identify`` runs in its own event loop.
             self.hooks = RequestHooks(guard=guard, identify=_sync(self.identify), **hook_options)
             #: For async (ASGI) Django: a sync ``identify`` runs in Django's thread for sync
@@ -139,11 +160,17 @@ def _imported(key: str, value: Any) -> Any:
         ) from None
 
 
+def _is_async(function: Any) -> bool:
+    """An ``async def``, or an object whose ``__call__`` is one."""
+    call = type(function).__call__ if callable(function) else None
+    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(call)
+
+
 def _sync(function: Any) -> Any:
-    return async_to_sync(function) if inspect.iscoroutinefunction(function) else function
+    return async_to_sync(function) if _is_async(function) else function
 
 
 def _async(function: Any) -> Any:
-    if inspect.iscoroutinefunction(function) or isinstance(function, from_headers):
+    if _is_async(function) or isinstance(function, from_headers):
         return function
     return sync_to_async(function)

@@ -14,8 +14,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 
+from ..context import astays_bound, stays_bound
 from ..errors import InvalidUsage, Unidentified, UsageLimitExceeded
 from ..problem import Headers, Problem
 from .conf import configuration
@@ -33,15 +34,16 @@ class UsageGuardMiddleware:
     def __init__(self, get_response: GetResponse) -> None:
         self.get_response = get_response
         self.asynchronous = iscoroutinefunction(get_response)
-        config = configuration()
-        self.hooks = config.async_hooks if self.asynchronous else config.hooks
+        configuration()  # a misconfiguration fails as Django builds its handler
         if self.asynchronous:
             markcoroutinefunction(self)
 
     def __call__(self, request: HttpRequest) -> HttpResponseBase | Awaitable[HttpResponseBase]:
         if self.asynchronous:
             return self._serve_async(request)
-        entered = self.hooks.enter(request, request.method or "GET", request.path_info)
+        # Read on each request (a cached call): a test's override_settings takes effect.
+        hooks = configuration().hooks
+        entered = hooks.enter(request, request.method or "GET", request.path_info)
         if isinstance(entered, Problem):
             return problem_response(entered)
         if entered is None:
@@ -49,13 +51,15 @@ class UsageGuardMiddleware:
             return response
         try:
             response = self.get_response(request)
-            _add(response, self.hooks.leave(entered, response.status_code, _media_type(response)))
+            _add(response, hooks.leave(entered, response.status_code, _media_type(response)))
+            _stream_bound(response)
         finally:
-            self.hooks.release(entered)
+            hooks.release(entered)
         return response
 
     async def _serve_async(self, request: HttpRequest) -> HttpResponseBase:
-        entered = await self.hooks.aenter(request, request.method or "GET", request.path_info)
+        hooks = configuration().async_hooks
+        entered = await hooks.aenter(request, request.method or "GET", request.path_info)
         if isinstance(entered, Problem):
             return problem_response(entered)
         if entered is None:
@@ -64,15 +68,16 @@ class UsageGuardMiddleware:
         try:
             response = await self.get_response(request)
             status, media_type = response.status_code, _media_type(response)
-            _add(response, await self.hooks.aleave(entered, status, media_type))
+            _add(response, await hooks.aleave(entered, status, media_type))
+            _stream_bound(response)
         finally:
-            self.hooks.release(entered)
+            hooks.release(entered)
         return response
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
         """A view let a refusal through: answer it (Django calls this hook synchronously)."""
         if isinstance(exception, UsageLimitExceeded | Unidentified | InvalidUsage):
-            return problem_response(self.hooks.answer(exception))
+            return problem_response(configuration().hooks.answer(exception))
         return None
 
 
@@ -82,6 +87,15 @@ def problem_response(problem: Problem) -> HttpResponse:
 
 def _media_type(response: HttpResponseBase) -> str:
     return str(response.get("Content-Type", "")).split(";")[0].strip().lower()
+
+
+def _stream_bound(response: HttpResponseBase) -> None:
+    """A streamed body runs after this middleware unbound the request: it binds again."""
+    if isinstance(response, StreamingHttpResponse):
+        content = response.streaming_content
+        response.streaming_content = (
+            astays_bound(content) if response.is_async else stays_bound(content)
+        )
 
 
 def _add(response: HttpResponseBase, fields: Headers) -> None:

@@ -3,11 +3,12 @@ on the guard's sync side, behind Django's own CSRF protection (its forms carry t
 
 from __future__ import annotations
 
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse
 from django.http.request import RawPostDataException
 from django.middleware.csrf import get_token
 
-from ..dashboard.page import PageRequest
+from ..dashboard.page import TOO_LARGE, PageRequest
 from .conf import configuration
 
 
@@ -17,6 +18,8 @@ def usage(request: HttpRequest, path: str = "") -> HttpResponse:
         body = request.body
     except RawPostDataException:  # multipart, already parsed by Django: the page answers 415
         body = b""
+    except RequestDataTooBig:  # over DATA_UPLOAD_MAX_MEMORY_SIZE
+        return _response(TOO_LARGE.status, TOO_LARGE.headers, TOO_LARGE.body)
     full = request.path
     answer = configuration().page.respond(
         PageRequest(
@@ -31,4 +34,8 @@ def usage(request: HttpRequest, path: str = "") -> HttpResponse:
             else {},
         )
     )
-    return HttpResponse(answer.body, status=answer.status, headers=dict(answer.headers))
+    return _response(answer.status, answer.headers, answer.body)
+
+
+def _response(status: int, headers: list[tuple[str, str]], body: bytes) -> HttpResponse:
+    return HttpResponse(body, status=status, headers=dict(headers))
