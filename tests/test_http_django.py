@@ -284,3 +284,38 @@ def test_the_usage_page_is_protected_by_djangos_own_csrf(
         headers={**ALICE, "x-admin": "1", "x-csrftoken": token},
     )
     assert put.json() == {"user": "bob", "metric": "ai_tokens", "budget": 50}
+
+
+def test_djangos_own_test_clients_sync_and_async(guard: UsageGuard) -> None:
+    """What a Django project's own tests use: django.test.Client and AsyncClient."""
+    import asyncio
+
+    from django.test import AsyncClient, Client
+
+    setting = {"GUARD": guard, "IDENTIFY": from_headers(), "EXCLUDE": ["/settings/usage*"]}
+    headers = {"x-org-id": "acme", "x-user-id": "alice"}
+    with frameworks.django_settings(
+        USAGE_GUARD=setting, ROOT_URLCONF="django_urls", MIDDLEWARE=MIDDLEWARE
+    ):
+        sync = Client(headers=headers)
+        assert sync.get("/plain").json() == {"org": "acme"}
+        assert sync.post("/email").json() == {"status": "queued"}
+        denied = sync.post("/email")
+        assert (denied.status_code, denied["Content-Type"]) == (429, PROBLEM)
+
+        async def async_requests() -> list[int]:
+            # Per request: AsyncClient(headers=...) sends them as HTTP_HTTP_X_ORG_ID (Django 5.2).
+            client = AsyncClient()
+            responses = [
+                await client.get("/plain", headers=headers),
+                await client.post("/email-async", headers=headers),
+            ]
+            await guard.aio.aclose()
+            return [response.status_code for response in responses]
+
+        assert asyncio.run(async_requests()) == [200, 429]
+        page = sync.get("/settings/usage/report.json")
+        assert page.json()["organization"] == "acme"
+    usage = guard.usage("acme")
+    # Two plain requests and one email served; the two refused emails counted nothing.
+    assert (usage.meters["api_calls"].used, usage.meters["emails"].used) == (3, 1)
