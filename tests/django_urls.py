@@ -63,8 +63,17 @@ def stream(request: HttpRequest) -> HttpResponse:
     return StreamingHttpResponse(async_chunks() if asynchronous else chunks())
 
 
+def slow_stream(request: HttpRequest) -> HttpResponse:
+    """Chunks apart by more than the guard's timeout (test_streaming.py)."""
+    from test_streaming import async_chunks, chunks
+
+    asynchronous = request.META.get("wsgi.version") is None
+    return StreamingHttpResponse(async_chunks() if asynchronous else chunks())
+
+
 urlpatterns = [
     path("stream", stream),
+    path("slow-stream", slow_stream),
     path("plain", plain),
     path("email", email),
     path("email-async", email_async),

@@ -130,10 +130,11 @@ class UsageGuardMiddleware:
             return
         # Bound for the whole request: @metered and require() find the subject (none:
         # they answer 401), and every call waits within one budget of ``timeout``.
-        token = bind(who, self.guard, Budget())
+        budget = Budget()
+        token = bind(who, self.guard, budget)
         try:
             if who is None:
-                await self._call_app(scope, receive, send, None, None, self.metering.base)
+                await self._call_app(scope, receive, send, budget, None, None, self.metering.base)
                 return
             decision: Decision | None = None
             try:
@@ -157,7 +158,7 @@ class UsageGuardMiddleware:
             if decision is not None and not decision.allowed:
                 await _send_problem(self._denial(decision), send)
                 return
-            await self._call_app(scope, receive, send, who, decision, amounts)
+            await self._call_app(scope, receive, send, budget, who, decision, amounts)
         finally:
             unbind(token)
 
@@ -188,6 +189,7 @@ class UsageGuardMiddleware:
         scope: Scope,
         receive: Receive,
         send: Send,
+        budget: Budget,
         who: Subject | None,
         decision: Decision | None,
         amounts: Mapping[str, int],
@@ -209,6 +211,10 @@ class UsageGuardMiddleware:
                     refused = True  # it names the metric that denied: no fields of ours
                 elif extra:
                     message["headers"] = [*message.get("headers", ()), *extra]
+            else:
+                # A streamed body's next chunk waits within a timeout of its own: a long
+                # stream outlives the request's, and its calls then failed as an outage.
+                budget.deadline = None
             await send(message)
 
         try:
