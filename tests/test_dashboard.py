@@ -306,6 +306,55 @@ def test_a_body_past_64_kib_is_a_413_and_a_method_off_the_routes_a_405(
     assert response.headers["allow"] == "POST, PUT"
 
 
+def test_the_flask_page_reads_no_further_into_a_chunked_body_than_it_needs(
+    guard: UsageGuard,
+) -> None:
+    import io
+
+    from flask import Flask
+
+    from usage_guard.flask import usage_blueprint
+
+    class Body(io.RawIOBase):
+        """5 MiB of a chunked body, counting what is read of it."""
+
+        left, taken = 5 << 20, 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer: Any) -> int:
+            size = min(len(buffer), self.left)
+            buffer[:size] = b"x" * size
+            self.left -= size
+            self.taken += size
+            return size
+
+    app = Flask(__name__)
+    app.register_blueprint(usage_blueprint(guard, identify=identify, is_admin=is_admin))
+    body = Body()
+    environ = {
+        "REQUEST_METHOD": "PUT",
+        "PATH_INFO": "/plan",
+        "SERVER_NAME": "testserver",
+        "SERVER_PORT": "80",
+        "wsgi.url_scheme": "http",
+        "CONTENT_TYPE": "application/json",
+        "HTTP_TRANSFER_ENCODING": "chunked",
+        "HTTP_X_ORG_ID": "acme",
+        "HTTP_X_ADMIN": "1",
+        "wsgi.input": io.BufferedReader(body),
+        "wsgi.input_terminated": True,
+    }
+    statuses: list[str] = []
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+        statuses.append(status)
+
+    b"".join(app(environ, start_response))
+    assert statuses == ["413 REQUEST ENTITY TOO LARGE"] and body.taken < 1 << 20
+
+
 def test_the_flask_page_reads_a_form_another_extension_parsed_first(guard: UsageGuard) -> None:
     from flask import Flask, request
 

@@ -87,3 +87,13 @@ def test_the_usage_page_is_registered_and_not_metered(
     assert (posted.status_code, posted.headers["location"]) == (303, "/settings/usage/")
     usage = guard.usage("acme")
     assert usage.meters["emails"].limit == 250 and usage.meters["api_calls"].used == 0
+
+
+def test_bad_bodies_are_422_not_500(client: FlaskClient) -> None:
+    for path, body in [
+        ("/v1/ai/complete", {}),
+        ("/v1/ai/complete", {"prompt": "hi", "max_tokens": "many"}),
+        ("/v1/emails", {"to": "bob@example.com"}),
+        ("/v1/emails", ["not", "an", "object"]),
+    ]:
+        assert client.post(path, json=body, headers=ALICE).status_code == 422, (path, body)

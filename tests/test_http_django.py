@@ -216,6 +216,8 @@ HEADERS = from_headers()
             r"unknown USAGE_GUARD keys \['GAURD'\]",
         ),
         ({"GUARD": GUARD, "IDENTIFY": None}, "must name a function"),
+        ({"GUARD": GUARD, "IDENTIFY": "usage_guard.asgi.from_headers"}, "not <class"),
+        ({"GUARD": GUARD, "IDENTIFY": HEADERS, "EXCLUDE": [b"/health"]}, "paths as strings"),
         # What a type checker catches in code, and settings would let through:
         ({"GUARD": GUARD, "IDENTIFY": HEADERS, "EXCLUDE": "/health"}, "a list of paths"),
         ({"GUARD": GUARD, "IDENTIFY": HEADERS, "STATUS_CODE": "429"}, "an HTTP error status"),
@@ -319,3 +321,13 @@ def test_djangos_own_test_clients_sync_and_async(guard: UsageGuard) -> None:
     usage = guard.usage("acme")
     # Two plain requests and one email served; the two refused emails counted nothing.
     assert (usage.meters["api_calls"].used, usage.meters["emails"].used) == (3, 1)
+
+
+def test_the_page_reverses_by_name() -> None:
+    frameworks.django_setup()
+    from django.urls import reverse
+
+    with frameworks.django_settings(ROOT_URLCONF="django_urls"):
+        assert reverse("usage_guard:usage") == "/settings/usage/"
+        below = reverse("usage_guard:usage-below", kwargs={"path": "report.json"})
+        assert below == "/settings/usage/report.json"

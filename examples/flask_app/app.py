@@ -130,12 +130,22 @@ def create_app(guard: UsageGuard | None = None) -> Flask:
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    def fields(*names: str) -> dict[str, Any]:
+        """The request's JSON object with these string fields, or a 422 (abort)."""
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or not all(isinstance(body.get(n), str) for n in names):
+            abort(422, f"send a JSON object with {', '.join(names)}")
+        return body
+
     @app.post("/v1/ai/complete")
     def ai_complete() -> Any:
         org()
-        body = request.get_json()
+        body = fields("prompt")
+        max_tokens = body.get("max_tokens", 256)
+        if type(max_tokens) is not int or not 1 <= max_tokens <= 100_000:
+            return {"detail": "max_tokens must be from 1 to 100,000"}, 422
         try:
-            completion = complete(body["prompt"], int(body.get("max_tokens", 256)))
+            completion = complete(body["prompt"], max_tokens)
         except ValueError as error:
             return {"detail": str(error)}, 422
         return {"text": completion.text, "tokens": completion.tokens}
@@ -143,7 +153,7 @@ def create_app(guard: UsageGuard | None = None) -> Flask:
     @app.post("/v1/emails")
     def email() -> Any:
         org()
-        body = request.get_json()
+        body = fields("to", "subject")
         return send_email(body["to"], body["subject"])
 
     @app.post("/v1/imports")

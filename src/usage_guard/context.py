@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar, Token
+from contextvars import ContextVar, Token, copy_context
 from typing import TYPE_CHECKING, TypeVar, Union
 
 from .subject import Subject
@@ -80,53 +80,54 @@ def subject(org: str, user: str | None = None, guard: AnyGuard | None = None) ->
         unbind(token)
 
 
-def stays_bound(chunks: Iterable[T]) -> Iterator[T]:
+def stays_bound(chunks: Iterable[T]) -> BoundChunks[T]:
     """``chunks`` made with the current subject and guard bound, wherever they are iterated.
 
     A streamed response's body runs after the Flask and Django integrations unbound the
-    request. Each chunk gets a budget of its own: a stream may last longer than ``timeout``.
+    request. Each step runs in a copy of the current context (what the body binds itself,
+    ``with subject(...)`` across chunks, stays its own, and nothing reaches the serving
+    thread), and waits for Redis within a ``timeout`` of its own: a stream may last longer.
     """
-    who, guard, _ = _binding.get()  # now: the generator below runs later
-    return _bound_chunks(iter(chunks), who, guard)
+    return BoundChunks(iter(chunks))
+
+
+class BoundChunks(Iterator[T]):
+    """What :func:`stays_bound` returns: an iterator with ``close()``, as WSGI asks."""
+
+    def __init__(self, iterator: Iterator[T]) -> None:
+        self._iterator = iterator
+        self._context = copy_context()
+        self._budget = current_budget()
+
+    def __next__(self) -> T:
+        if self._budget is not None:
+            self._budget.deadline = None
+        return self._context.run(next, self._iterator)
+
+    def close(self) -> None:
+        """Close the body (a client gone mid-stream) in its context: its cleanup is bound."""
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            self._context.run(close)
 
 
 def astays_bound(chunks: AsyncIterable[T]) -> AsyncIterator[T]:
-    """:func:`stays_bound` for an async stream."""
-    who, guard, _ = _binding.get()
-    return _abound_chunks(aiter(chunks), who, guard)
+    """:func:`stays_bound` for an async stream, iterated by the request's own task: the
+    binding is set in that task once, and what the body binds itself stays."""
+    return _abound_chunks(aiter(chunks), _binding.get())
 
 
-def _bound_chunks(
-    iterator: Iterator[T], who: Subject | None, guard: AnyGuard | None
-) -> Iterator[T]:
+async def _abound_chunks(iterator: AsyncIterator[T], binding: Binding) -> AsyncIterator[T]:
+    _binding.set(binding)  # in the task serving this request only, which ends with it
+    budget = binding[2]
     try:
         while True:
-            token = _binding.set((who, guard, Budget()))
-            try:
-                chunk = next(iterator)
-            except StopIteration:
-                return
-            finally:
-                _binding.reset(token)
-            yield chunk
-    finally:
-        close = getattr(iterator, "close", None)
-        if close is not None:
-            close()
-
-
-async def _abound_chunks(
-    iterator: AsyncIterator[T], who: Subject | None, guard: AnyGuard | None
-) -> AsyncIterator[T]:
-    try:
-        while True:
-            token = _binding.set((who, guard, Budget()))
+            if budget is not None:
+                budget.deadline = None
             try:
                 chunk = await anext(iterator)
             except StopAsyncIteration:
                 return
-            finally:
-                _binding.reset(token)
             yield chunk
     finally:
         aclose = getattr(iterator, "aclose", None)

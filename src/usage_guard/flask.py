@@ -128,7 +128,9 @@ class FlaskMetering(RequestHooks):
         # A 429 from a view already names the metric that denied.
         if fields and "ratelimit" not in response.headers:
             response.headers.extend(fields)
-        if response.is_streamed:  # its body runs after teardown unbound the request
+        # A streamed body runs after teardown unbound the request; a file (send_file) is
+        # passed through as it is.
+        if response.is_streamed and not response.direct_passthrough:
             response.response = stays_bound(cast("Iterable[bytes]", response.response))
         return response
 
@@ -201,9 +203,10 @@ def _page_body() -> bytes:
     large; an HTML form another extension already parsed is encoded again."""
     from .dashboard.page import MAX_BODY
 
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        return request.stream.read(MAX_BODY + 1)
-    body = request.get_data()
+    if request.content_length is not None and request.content_length <= MAX_BODY:
+        body = request.get_data()
+    else:  # too large, or chunked: read no further than the page needs
+        body = request.stream.read(MAX_BODY + 1)
     if not body and request.mimetype == "application/x-www-form-urlencoded" and request.form:
         body = urlencode(list(request.form.items(multi=True))).encode()
     return body

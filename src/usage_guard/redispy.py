@@ -9,6 +9,7 @@ routed to a node.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from contextvars import ContextVar
@@ -515,6 +516,8 @@ class PerLoopRedisScripts:
         self._by_loop: dict[asyncio.AbstractEventLoop, AsyncRedisScripts] = {}
         #: Each loop's finaliser (an async generator: asyncio.run closes them at shutdown).
         self._closers: dict[asyncio.AbstractEventLoop, AsyncGenerator[None, None]] = {}
+        #: Loops run in several threads: the two dicts change under it.
+        self._lock = threading.Lock()
 
     async def _current(self) -> AsyncRedisScripts:
         loop = asyncio.get_running_loop()
@@ -523,12 +526,14 @@ class PerLoopRedisScripts:
             return last[1]
         scripts = self._by_loop.get(loop)
         if scripts is None:
-            # A loop closed without asyncio.run's shutdown never told us: forget it.
-            for closed in [known for known in self._by_loop if known.is_closed()]:
-                del self._by_loop[closed]
-                self._closers.pop(closed, None)
-            scripts = self._by_loop[loop] = self._make()
-            closer = self._closers[loop] = self._until_shutdown(loop)
+            scripts, closer = self._make(), self._until_shutdown(loop)
+            with self._lock:
+                # A loop closed without asyncio.run's shutdown never told us: forget it
+                # (its connections can no longer be closed; they go with the garbage).
+                for closed in [known for known in self._by_loop if known.is_closed()]:
+                    self._by_loop.pop(closed, None)
+                    self._closers.pop(closed, None)
+                self._by_loop[loop], self._closers[loop] = scripts, closer
             await anext(closer)
         self._last = (loop, scripts)
         return scripts
@@ -540,8 +545,9 @@ class PerLoopRedisScripts:
             await self._forget(loop)
 
     async def _forget(self, loop: asyncio.AbstractEventLoop) -> None:
-        scripts = self._by_loop.pop(loop, None)
-        self._closers.pop(loop, None)
+        with self._lock:
+            scripts = self._by_loop.pop(loop, None)
+            self._closers.pop(loop, None)
         if self._last is not None and self._last[0] is loop:
             self._last = None
         if scripts is not None:

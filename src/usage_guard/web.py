@@ -116,6 +116,8 @@ class ExcludedPaths:
         if isinstance(patterns, str):
             raise InvalidUsage(f"exclude must be a list of paths, not one string: [{patterns!r}]")
         patterns = tuple(patterns)
+        if not all(isinstance(pattern, str) for pattern in patterns):
+            raise InvalidUsage(f"exclude must hold paths as strings, not {patterns!r}")
         self.exact = frozenset(p for p in patterns if not p.endswith("*"))
         self.prefixes = tuple(p[:-1] for p in patterns if p.endswith("*"))
 

@@ -87,8 +87,12 @@ class Configuration:
                 f'{SETTING}["GUARD"] must name a UsageGuard, not {type(guard).__name__}'
             )
         for key in ("IDENTIFY", "IS_ADMIN"):
-            if (key == "IDENTIFY" or values.get(key) is not None) and not callable(values[key]):
-                raise ImproperlyConfigured(f'{SETTING}["{key}"] must name a function')
+            if (key == "IDENTIFY" or values.get(key) is not None) and (
+                not callable(values[key]) or isinstance(values[key], type)
+            ):
+                raise ImproperlyConfigured(
+                    f'{SETTING}["{key}"] must name a function or an instance, not {values[key]!r}'
+                )
         for key, kinds in _TYPES.items():
             if key in values and not isinstance(values[key], kinds):
                 names = " or ".join(

@@ -14,7 +14,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
+from django.http import (
+    FileResponse,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBase,
+    StreamingHttpResponse,
+)
 
 from ..context import astays_bound, stays_bound
 from ..errors import InvalidUsage, Unidentified, UsageLimitExceeded
@@ -91,7 +97,8 @@ def _media_type(response: HttpResponseBase) -> str:
 
 def _stream_bound(response: HttpResponseBase) -> None:
     """A streamed body runs after this middleware unbound the request: it binds again."""
-    if isinstance(response, StreamingHttpResponse):
+    # A file is sent as it is (sendfile, when the server has it): no code runs in it.
+    if isinstance(response, StreamingHttpResponse) and not isinstance(response, FileResponse):
         content = response.streaming_content
         response.streaming_content = (
             astays_bound(content) if response.is_async else stays_bound(content)

@@ -3,9 +3,12 @@ and its admin endpoints (``reverse("usage_guard:usage")`` is the page)."""
 
 from __future__ import annotations
 
-from django.urls import re_path
+from django.urls import path, re_path
 
 from .views import usage
 
 app_name = "usage_guard"
-urlpatterns = [re_path(r"^(?P<path>.*)\Z", usage, name="usage")]
+urlpatterns = [
+    path("", usage, name="usage"),
+    re_path(r"^(?P<path>.+)\Z", usage, name="usage-below"),
+]
