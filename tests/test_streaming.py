@@ -14,23 +14,14 @@ import httpx2
 import pytest
 
 import frameworks
-from usage_guard import Plan, UsageGuard, current_subject, metered, subject
+from django_urls import send_email, send_email_async
+from usage_guard import Plan, UsageGuard, current_subject, subject
 from usage_guard.asgi import from_headers
 from usage_guard.context import astays_bound, stays_bound
 
 ALICE = {"x-org-id": "acme", "x-user-id": "alice"}
 #: Longer than the guard's timeout below, between two chunks.
 PAUSE = 0.3
-
-
-@metered("emails")
-def send_email() -> str:
-    return "queued"
-
-
-@metered("emails")
-async def send_email_async() -> str:
-    return "queued"
 
 
 def chunks() -> Iterator[str]:
