@@ -146,11 +146,7 @@ class UsageGuardMiddleware:
                         return
                 if amounts:
                     # Provisional: counted only if the request is served (see _call_app).
-                    if len(amounts) == 1:
-                        [(metric, units)] = amounts.items()
-                        call = self.calls.provisional(who.org, metric, units, user=who.user)
-                    else:
-                        call = self.calls.provisional(who.org, amounts, 1, user=who.user)
+                    call = self.calls.provisional(who.org, amounts, user=who.user)
                     decision = await self.aguard._run(call)
             except InvalidIdentifier:
                 await _send_problem(INVALID_IDENTITY, send)

@@ -412,13 +412,15 @@ class Calls:
             planned_for=org,
         )
 
-    def provisional(
-        self, org: str, metric: str | Amounts, amount: int, *, user: str | None
-    ) -> Call[Decision]:
+    def provisional(self, org: str, amounts: Amounts, *, user: str | None) -> Call[Decision]:
         """A consumption whose request may still be refused (an integration's): run late,
         it counts nothing, whatever the policy; the integration counts it with
         :meth:`owed` once the request has been served."""
-        call = self.consume(org, metric, amount, user=user)
+        if len(amounts) == 1:  # one metric by name: the call prepared once per month
+            [(metric, amount)] = amounts.items()
+            call = self.consume(org, metric, amount, user=user)
+        else:
+            call = self.consume(org, amounts, 1, user=user)
         call.args[_LATE_ARG] = _LATE[False]
         return call
 

@@ -171,7 +171,7 @@ def usage_blueprint(
     (:class:`~usage_guard.dashboard.page.UsagePage`), on the guard's sync side:
     ``identify(request)`` and ``is_admin(request, subject)`` are plain functions.
     """
-    from .dashboard.page import PageRequest, UsagePage
+    from .dashboard.page import MAX_BODY, PageRequest, UsagePage
 
     page = UsagePage(
         guard, identify=identify, is_admin=is_admin, title=title, trusted_origins=trusted_origins
@@ -189,7 +189,7 @@ def usage_blueprint(
                 path=below,
                 page=full[: len(full) - len(path)] if path else full,
                 headers=request.headers,
-                body=_page_body(),
+                body=_page_body(MAX_BODY),
                 native=request,
             )
         )
@@ -198,15 +198,13 @@ def usage_blueprint(
     return blueprint
 
 
-def _page_body() -> bytes:
-    """The page request's body, read no further than the page needs to tell it is too
-    large; an HTML form another extension already parsed is encoded again."""
-    from .dashboard.page import MAX_BODY
-
-    if request.content_length is not None and request.content_length <= MAX_BODY:
+def _page_body(limit: int) -> bytes:
+    """The page request's body, read no further than ``limit + 1`` bytes (the page then
+    answers 413); an HTML form another extension already parsed is encoded again."""
+    if request.content_length is not None and request.content_length <= limit:
         body = request.get_data()
-    else:  # too large, or chunked: read no further than the page needs
-        body = request.stream.read(MAX_BODY + 1)
+    else:  # too large, or chunked
+        body = request.stream.read(limit + 1)
     if not body and request.mimetype == "application/x-www-form-urlencoded" and request.form:
         body = urlencode(list(request.form.items(multi=True))).encode()
     return body

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from .aio import AsyncUsageGuard
-from .calls import Call
 from .context import AnyGuard, Binding, Budget, bind, unbind
 from .decision import Decision
 from .errors import InvalidIdentifier
@@ -90,14 +89,16 @@ class RequestHooks:
             close_unawaited(who)
             raise TypeError("identify must be a plain function for a sync framework")
         entered = self._bind(who, method, path)
-        if not isinstance(entered, Entered) or entered.who is None or not entered.amounts:
+        if not isinstance(entered, Entered) or who is None or not entered.amounts:
             return entered
         try:
             if self.rate_limits is not None:
-                limited = self.rate_limits.hit(entered.who.org, entered.amounts)
+                limited = self.rate_limits.hit(who.org, entered.amounts)
                 if limited is not None:
                     return self._turn_away(entered, limited)
-            decision = self.guard._run(self._provisional(entered.who, entered.amounts))
+            # Provisional: counted only if the request is served (see leave()).
+            call = self.guard.calls.provisional(who.org, entered.amounts, user=who.user)
+            decision = self.guard._run(call)
         except InvalidIdentifier:
             return self._turn_away(entered, INVALID_IDENTITY)
         except BaseException:
@@ -116,14 +117,15 @@ class RequestHooks:
         except InvalidIdentifier:
             return INVALID_IDENTITY
         entered = self._bind(who, method, path)
-        if not isinstance(entered, Entered) or entered.who is None or not entered.amounts:
+        if not isinstance(entered, Entered) or who is None or not entered.amounts:
             return entered
         try:
             if self.rate_limits is not None:
-                limited = await self.rate_limits.ahit(entered.who.org, entered.amounts)
+                limited = await self.rate_limits.ahit(who.org, entered.amounts)
                 if limited is not None:
                     return self._turn_away(entered, limited)
-            decision = await self.aguard._run(self._provisional(entered.who, entered.amounts))
+            call = self.guard.calls.provisional(who.org, entered.amounts, user=who.user)
+            decision = await self.aguard._run(call)
         except InvalidIdentifier:
             return self._turn_away(entered, INVALID_IDENTITY)
         except BaseException:
@@ -165,14 +167,6 @@ class RequestHooks:
         # Bound for the whole request: metered views find the subject (none: they answer
         # 401), and every call waits within one budget of ``timeout``.
         return Entered(bind(who, self.bound, Budget()), who, amounts)
-
-    def _provisional(self, who: Subject, amounts: Mapping[str, int]) -> Call[Decision]:
-        # Provisional: counted only if the request is served (see leave()).
-        calls = self.guard.calls
-        if len(amounts) == 1:
-            [(metric, units)] = amounts.items()
-            return calls.provisional(who.org, metric, units, user=who.user)
-        return calls.provisional(who.org, amounts, 1, user=who.user)
 
     def _judged(self, entered: Entered, decision: Decision) -> Entered | Problem:
         if not decision.allowed:

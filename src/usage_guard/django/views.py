@@ -10,6 +10,7 @@ from django.middleware.csrf import get_token
 
 from ..dashboard.page import TOO_LARGE, PageRequest
 from .conf import configuration
+from .middleware import problem_response
 
 
 def usage(request: HttpRequest, path: str = "") -> HttpResponse:
@@ -19,7 +20,7 @@ def usage(request: HttpRequest, path: str = "") -> HttpResponse:
     except RawPostDataException:  # multipart, already parsed by Django: the page answers 415
         body = b""
     except RequestDataTooBig:  # over DATA_UPLOAD_MAX_MEMORY_SIZE
-        return _response(TOO_LARGE.status, TOO_LARGE.headers, TOO_LARGE.body)
+        return problem_response(TOO_LARGE)
     full = request.path
     answer = configuration().page.respond(
         PageRequest(
@@ -34,8 +35,4 @@ def usage(request: HttpRequest, path: str = "") -> HttpResponse:
             else {},
         )
     )
-    return _response(answer.status, answer.headers, answer.body)
-
-
-def _response(status: int, headers: list[tuple[str, str]], body: bytes) -> HttpResponse:
-    return HttpResponse(body, status=status, headers=dict(headers))
+    return HttpResponse(answer.body, status=answer.status, headers=dict(answer.headers))
